@@ -1,0 +1,5 @@
+import sys
+
+from detr_ptq.cli import main
+
+sys.exit(main())

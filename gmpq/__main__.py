@@ -1,0 +1,5 @@
+import sys
+
+from gmpq.cli import main
+
+sys.exit(main())

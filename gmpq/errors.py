@@ -1,0 +1,9 @@
+"""User-facing errors: the CLI prints these without a traceback and exits with status 2."""
+
+
+class UserError(ValueError):
+    """Bad input from the user (a file, a field, an option). The message names it and the accepted values."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf; the message names the term, the step and the last good checkpoint."""

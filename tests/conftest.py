@@ -1,0 +1,34 @@
+"""Shared fixtures. Tests that need ../shared/data read it from $GMPQ_DATA: they skip with a reason when it
+is unset, and fail instead of skipping when CI=true (CI must never skip them)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def _shared_data() -> Path | None:
+    root = os.environ.get("GMPQ_DATA")
+    if root and Path(root).is_dir():
+        return Path(root)
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    root = _shared_data()
+    if root is None:
+        msg = "GMPQ_DATA is unset or not a folder: set it to ../shared/data to run tests on real data"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg + " (CI must not skip these tests)")
+        pytest.skip(msg)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
