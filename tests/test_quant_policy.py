@@ -102,3 +102,26 @@ def test_uniform_policy_and_bad_bits():
     assert p["layers"]["0"] == {"w_bits": 32, "a_bits": None} and p["layers"]["3"] == {"w_bits": 4, "a_bits": None}
     with pytest.raises(UserError, match="w_bits=1"):
         uniform_policy(net(), "net", 1, 4)
+
+
+def test_random_policy_hits_bops_target_and_is_seeded():
+    import timm
+
+    from gmpq.quant import cost_summary
+    from gmpq.quant.random_policy import random_policy
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    size = (3, 32, 32)
+    keep = ("conv1", "fc")
+    for target_g in (2.8, 3.3, 4.0):  # feasible: 2.61 .. 4.69 G (the 32-bit first conv alone is 1.8 G)
+        p = random_policy(model, "resnet18", target_g * 1e9, size, seed=3, candidates=(2, 3, 4, 5, 6, 7, 8),
+                          keep_full_precision=keep)
+        s = cost_summary(model, layer_bits(p, model), size)
+        assert abs(s["bops"] - target_g * 1e9) <= 0.01 * target_g * 1e9
+        assert p["layers"]["conv1"]["w_bits"] == 32
+    a = random_policy(model, "resnet18", 3e9, size, seed=1, keep_full_precision=keep)
+    b = random_policy(model, "resnet18", 3e9, size, seed=1, keep_full_precision=keep)
+    c = random_policy(model, "resnet18", 3e9, size, seed=2, keep_full_precision=keep)
+    assert a["layers"] == b["layers"] and a["layers"] != c["layers"]
+    with pytest.raises(UserError, match="unreachable.*feasible range"):
+        random_policy(model, "resnet18", 1e15, size, keep_full_precision=keep)

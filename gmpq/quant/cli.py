@@ -38,6 +38,19 @@ def cmd_uniform(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_random(args: argparse.Namespace) -> int:
+    from gmpq.quant.random_policy import random_policy
+
+    model, spec = _model(args.model, args.num_classes)
+    keep = () if args.quantize_first_last else (spec.first_layer, spec.classifier)
+    policy = random_policy(model, args.model, args.bops * 1e9, spec.input_size, args.seed, args.candidates, keep)
+    policy["summary"] = _summary_dict(model, policy, spec.input_size) | {"target_bops_g": args.bops}
+    save_policy(policy, args.out)
+    print(f"wrote {args.out}: random policy for {args.model}, {policy['summary']['bops_g']:.4f} GBOPs "
+          f"(target {args.bops}), average weight bits {policy['summary']['avg_w_bits']:.2f}")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     policy = load_policy(args.policy)
     model, spec = _model(args.model or policy["model"], args.num_classes)
@@ -98,6 +111,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize-first-last", action="store_true", help="also quantize first conv and classifier")
     p.add_argument("--out", required=True, help="policy JSON to write")
     p.set_defaults(func=cmd_uniform)
+
+    p = psub.add_parser("random", help="random bits per layer at a BOPs budget (a baseline)")
+    _add_model_args(p)
+    p.add_argument("--bops", type=float, required=True, help="target BOPs per image, in G (1e9)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--candidates", type=int, nargs="+", default=[2, 3, 4, 5, 6, 7, 8])
+    p.add_argument("--quantize-first-last", action="store_true")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_random)
 
     p = psub.add_parser("validate", help="check a policy against a model; every problem in one message")
     p.add_argument("policy")

@@ -189,3 +189,27 @@ def pact_codes(x: Tensor, alpha: Tensor, bits: int, signed: bool = False) -> tup
     y = torch.minimum(torch.maximum(x, lo), alpha)
     step = alpha / levels
     return torch.round(y / step), step
+
+
+# ---------------------------------------------------------------------------------------------------
+# ONNX QDQ form: the same grid expressed with torch.fake_quantize_* so the TorchScript ONNX exporter emits
+# QuantizeLinear/DequantizeLinear. Low bit-widths are expressed as a Clip to the b-bit range followed by an
+# 8-bit Q/DQ pair, which has the same integer grid.
+# ---------------------------------------------------------------------------------------------------
+
+
+def qdq_8bit(x: Tensor, scale: Tensor, qmin: int, qmax: int, axis: int | None = None) -> Tensor:
+    """``clamp(x, qmin*s, qmax*s)`` then an int8 (or uint8 if ``qmin >= 0``) Q/DQ pair with step ``scale``.
+
+    ``axis`` selects per-channel steps (``scale`` ``[C]``) along that dim; otherwise ``scale`` is a scalar.
+    """
+    lo, hi = (0, 255) if qmin >= 0 else (-128, 127)
+    if axis is None:
+        s = float(scale)
+        return torch.fake_quantize_per_tensor_affine(torch.clamp(x, qmin * s, qmax * s), s, 0, lo, hi)
+    view = [1] * x.dim()
+    view[axis] = -1
+    s = scale.reshape(view)
+    x = torch.minimum(torch.maximum(x, qmin * s), qmax * s)
+    zp = torch.zeros(scale.numel(), dtype=torch.int32)
+    return torch.fake_quantize_per_channel_affine(x, scale.float(), zp, axis, lo, hi)

@@ -37,6 +37,7 @@ class WeightQuantizer(nn.Module):
         self.method = check_method(method, WEIGHT_METHODS, "w_method")
         self.per_channel = per_channel
         self.enabled = True
+        self.onnx_mode = False  # set by gmpq.quant.onnx_export: express the grid as Q/DQ ops
         n = out_channels if per_channel else 1
         if method == "lsq":
             self.step = nn.Parameter(torch.ones(n))
@@ -57,6 +58,10 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         if self.bits == F.FULL_PRECISION or not self.enabled:
             return w
+        if self.onnx_mode:
+            codes, s = self.codes_and_scale(w)
+            qmin, qmax = self.qrange
+            return F.qdq_8bit(F.dequantize_codes(codes, s), s, qmin, qmax, axis=0 if s.dim() == 1 else None)
         if self.method == "symmetric":
             return F.symmetric_fake_quant(w, self.bits, self.per_channel, scale=self.scale)
         if not bool(self.initialized):
@@ -95,6 +100,7 @@ class ActQuantizer(nn.Module):
         self.method = check_method(method, ACT_METHODS, "a_method")
         self.percentile = percentile
         self.enabled = True
+        self.onnx_mode = False
         self.observing = False
         self._stats: list[tuple[float, float, float]] = []
         if method == "pact":
@@ -152,10 +158,20 @@ class ActQuantizer(nn.Module):
                 f"activation quantizer {self.name or '(unnamed)'} is not calibrated: run "
                 "gmpq.quant.calibrate(model, batches) (or load a calibrated checkpoint) before using the model"
             )
+        if self.onnx_mode:
+            return self._qdq(x)
         if self.method == "pact":
             return F.pact_fake_quant(x, self.alpha, self.bits, signed=bool(self.signed))
         qmin, qmax = self.qrange
         return F.lsq_fake_quant(x, self.step, qmin, qmax, offset=self.offset, numel_per_step=x[0].numel())
+
+    def _qdq(self, x: Tensor) -> Tensor:
+        qmin, qmax = self.qrange
+        if self.method == "pact":
+            levels = qmax
+            return F.qdq_8bit(x, self.alpha.detach() / levels, qmin, qmax)
+        offset = self.offset.detach()
+        return F.qdq_8bit(x - offset, self.step.detach(), qmin, qmax) + offset
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, method={self.method}"

@@ -1,0 +1,86 @@
+"""Config resolution (defaults <- recipe <- --set) and CLI error handling."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from gmpq.config import load_config, parse_overrides, save_config
+from gmpq.errors import UserError
+
+
+@dataclasses.dataclass
+class Optim:
+    lr: float = 1e-3
+    milestones: list[int] = dataclasses.field(default_factory=lambda: [20, 30])
+
+
+@dataclasses.dataclass
+class Cfg:
+    model: str = "resnet20"
+    epochs: int = 40
+    bits: list[int] = dataclasses.field(default_factory=lambda: [2, 3, 4])
+    target: float | None = None
+    use_kd: bool = False
+    optim: Optim = dataclasses.field(default_factory=Optim)
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"epochs={self.epochs} must be >= 1")
+
+
+def test_defaults_recipe_and_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 3\noptim:\n  lr: 0.01\n")
+    cfg = load_config(Cfg, recipe, ["optim.milestones=[1,2]", "target=2.5", "use_kd=true", "bits=[4,8]"])
+    assert cfg.epochs == 3 and cfg.optim.lr == 0.01 and cfg.optim.milestones == [1, 2]
+    assert cfg.target == 2.5 and cfg.use_kd is True and cfg.bits == [4, 8] and cfg.model == "resnet20"
+    save_config(cfg, tmp_path / "out" / "config.yaml")
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["optim"]["lr"] == 0.01
+    assert load_config(Cfg, tmp_path / "out" / "config.yaml") == cfg
+
+
+def test_unknown_key_lists_accepted_keys(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epoch: 3\n")
+    with pytest.raises(UserError, match=r"r\.yaml.*unknown key\(s\) \['epoch'\].*'epochs'"):
+        load_config(Cfg, recipe)
+    with pytest.raises(UserError, match=r"unknown key\(s\) \['optim.lrr'\].*'optim.lr'"):
+        load_config(Cfg, None, ["optim.lrr=1"])
+
+
+def test_wrong_types_and_validation():
+    with pytest.raises(UserError, match="epochs='many' has the wrong type; expected int"):
+        load_config(Cfg, None, ["epochs=many"])
+    with pytest.raises(UserError, match="use_kd=3 should be true or false"):
+        load_config(Cfg, None, ["use_kd=3"])
+    with pytest.raises(UserError, match="bits=4 should be a list"):
+        load_config(Cfg, None, ["bits=4"])
+    with pytest.raises(UserError, match="epochs=0 must be >= 1"):
+        load_config(Cfg, None, ["epochs=0"])
+    with pytest.raises(UserError, match="expected key=value"):
+        parse_overrides(["epochs"])
+
+
+def test_missing_and_bad_recipe(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(Cfg, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="must be a mapping"):
+        load_config(Cfg, bad)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "gmpq", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bad_policy_no_traceback(tmp_path):
+    f = tmp_path / "p.json"
+    f.write_text('{"format": "gmpq-policy/9", "model": "resnet20", "created_by": {"method": "x"}, "layers": {}}')
+    r = run_cli("policy", "validate", str(f), "--model", "resnet20")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "gmpq: error:" in r.stderr and "gmpq-policy/9" in r.stderr and "gmpq-policy/1" in r.stderr
