@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from gmpq.io import atomic_write_json, atomic_write_text
 from gmpq.quant.cost import cost_summary, format_summary
 from gmpq.quant.export import export_packed, theoretical_packed_bytes
@@ -90,6 +92,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     stats = export_packed(model.eval(), policy, out, meta={"weights": str(args.weights)})
     stats["theoretical_bytes"] = theoretical_packed_bytes(model)
+    if not args.no_onnx:
+        from gmpq.quant.onnx_export import export_onnx, run_onnx
+
+        onnx_path = out.with_suffix(".onnx")
+        x = torch.randn(2, *spec.input_size, generator=torch.Generator().manual_seed(0))
+        export_onnx(model, x[:1], onnx_path)
+        with torch.no_grad():
+            stats["onnx"] = str(onnx_path)
+            stats["onnx_max_abs_diff"] = float((run_onnx(onnx_path, x) - model(x)).abs().max())
     atomic_write_json(out.with_suffix(out.suffix + ".json"), stats)
     print(json.dumps(stats, indent=2))
     return 0
@@ -141,6 +152,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", required=True)
     p.add_argument("--w-method", default="symmetric", choices=["symmetric", "lsq"])
     p.add_argument("--a-method", default="pact", choices=["pact", "lsq+"])
-    p.add_argument("--out", required=True, help="packed file to write (stats go to OUT.json)")
+    p.add_argument("--out", required=True, help="packed file to write (stats go to OUT.json, ONNX to OUT-stem.onnx)")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX (QDQ) export")
     p.set_defaults(func=cmd_export)
 

@@ -1,0 +1,1 @@
+"""Deploy a policy: quantization-aware fine-tuning, evaluation, comparison reports."""

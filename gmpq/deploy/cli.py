@@ -1,0 +1,126 @@
+"""Deploy verbs: ``gmpq finetune``, ``gmpq evaluate``, ``gmpq report``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from gmpq.config import load_config
+from gmpq.data import DataConfig, list_datasets
+from gmpq.errors import UserError
+from gmpq.paths import expand_path
+
+
+def data_arg(text: str) -> dict:
+    """``--data`` value -> ``{"name", "root"}``: ``NAME``, ``NAME:ROOT``, or a path whose layout is recognised
+    (``.npz`` with x_train -> cifar10_npz, with x -> cifar10_jpeg; a folder with ``cifar-10-batches-py`` or
+    ``data_batch_1`` -> cifar10; a folder with ``train/`` and ``val/`` -> imagefolder)."""
+    names = list_datasets()
+    name, _, root = text.partition(":")
+    if name in names:
+        return {"name": name, "root": root or None}
+    path = expand_path(text)
+    if path.is_file() and path.suffix == ".npz":
+        with np.load(path) as z:
+            keys = set(z.files)
+        if "x_train" in keys:
+            return {"name": "cifar10_npz", "root": str(path)}
+        if "x" in keys:
+            return {"name": "cifar10_jpeg", "root": str(path)}
+    if path.is_dir():
+        if (path / "cifar-10-batches-py").is_dir() or (path / "data_batch_1").exists():
+            return {"name": "cifar10", "root": str(path)}
+        if (path / "train").is_dir() and (path / "val").is_dir():
+            return {"name": "imagefolder", "root": str(path)}
+    raise UserError(f"--data {text!r}: not a dataset name or a recognised path; use one of {names}, NAME:ROOT, "
+                    "a CIFAR npz file, a cifar-10-batches-py folder or an ImageFolder root with train/ and val/")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    sets = list(args.set or [])
+    for flag, key in (("model", "model"), ("weights", "weights"), ("policy", "policy"), ("out", "out_dir"),
+                      ("epochs", "epochs")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            sets.append(f"{key}={value}")
+    if getattr(args, "data", None):
+        d = data_arg(args.data)
+        sets += [f"data.name={d['name']}"] + ([f"data.root={d['root']}"] if d["root"] else [])
+    if getattr(args, "test_data", None):
+        d = data_arg(args.test_data)
+        sets += [f"data.test_name={d['name']}"] + ([f"data.test_root={d['root']}"] if d["root"] else [])
+    return sets
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from gmpq.deploy.config import FinetuneConfig
+    from gmpq.deploy.finetune import finetune
+
+    cfg = load_config(FinetuneConfig, args.recipe, _overrides(args))
+    result = finetune(cfg, resume=args.resume)
+    print(json.dumps({k: result[k] for k in ("top1", "top5", "top1_before_finetune", "bops_g", "size_mb")}, indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from gmpq.deploy.run_eval import EvalConfig, evaluate_model
+
+    if (args.weights is None) == (args.packed is None):
+        raise UserError("evaluate needs exactly one of --weights FILE or --packed FILE")
+    data = DataConfig(**data_arg(args.data), augment=False, eval_batch_size=args.batch_size)
+    cfg = EvalConfig(model=args.model, num_classes=args.num_classes, weights=args.weights, packed=args.packed,
+                     policy=args.policy, data=data, calib_batches=args.calib_batches, device=args.device)
+    result = evaluate_model(cfg)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        from gmpq.io import atomic_write_json
+
+        atomic_write_json(args.out, result)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from gmpq.deploy.report import report
+
+    out = report(args.results, args.out, extra=args.extra)
+    print(out["markdown"])
+    print(f"\nwrote {Path(args.out) / 'report.md'}, report.json, report.png")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="apply a policy, calibrate, quantization-aware fine-tuning")
+    p.add_argument("--recipe", default=None, help="YAML recipe (FinetuneConfig keys)")
+    p.add_argument("--policy", default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--weights", default=None, help="float weights to start from")
+    p.add_argument("--data", default=None, help="dataset: NAME, NAME:ROOT or a path (see gmpq evaluate -h)")
+    p.add_argument("--test-data", default=None, help="evaluate on this dataset instead of DATA's test split")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--out", default=None, help="output folder (out_dir)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, repeatable")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", help="top-1/top-5 plus BOPs, size and compression")
+    p.add_argument("--model", required=True)
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--weights", default=None, help="float weights, or a quantized checkpoint (with --policy)")
+    p.add_argument("--packed", default=None, help="a packed file from gmpq export")
+    p.add_argument("--policy", default=None)
+    p.add_argument("--data", required=True, help=f"one of {list_datasets()}, NAME:ROOT, or a path")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--calib-batches", type=int, default=8,
+                   help="calibrate uncalibrated activation quantizers on this many training batches")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default=None, help="write the result JSON here (input of gmpq report)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="table and accuracy-vs-BOPs plot of several result.json files")
+    p.add_argument("results", nargs="+")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--extra", nargs="*", default=None, help="extra accuracy keys to show (e.g. top1_jpeg)")
+    p.set_defaults(func=cmd_report)

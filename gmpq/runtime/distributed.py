@@ -1,0 +1,49 @@
+"""Distributed setup for ``torchrun --nproc_per_node N -m gmpq <verb>``: gloo on CPU, nccl on GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1); otherwise a single process.
+
+    ``device``: "auto" (cuda if available), "cpu" or "cuda".
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(device=torch.device("cuda" if use_cuda else "cpu"))
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local)
+    return DistInfo(rank, world, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
+
+
+def reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum ``t`` over processes (a copy; identity for one process)."""
+    t = t.detach().clone()
+    if info.distributed:
+        dist.all_reduce(t)
+    return t
