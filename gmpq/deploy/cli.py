@@ -6,37 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from gmpq.config import load_config
 from gmpq.data import DataConfig, list_datasets
+from gmpq.deploy.datasets import data_arg
 from gmpq.errors import UserError
-from gmpq.paths import expand_path
-
-
-def data_arg(text: str) -> dict:
-    """``--data`` value -> ``{"name", "root"}``: ``NAME``, ``NAME:ROOT``, or a path whose layout is recognised
-    (``.npz`` with x_train -> cifar10_npz, with x -> cifar10_jpeg; a folder with ``cifar-10-batches-py`` or
-    ``data_batch_1`` -> cifar10; a folder with ``train/`` and ``val/`` -> imagefolder)."""
-    names = list_datasets()
-    name, _, root = text.partition(":")
-    if name in names:
-        return {"name": name, "root": root or None}
-    path = expand_path(text)
-    if path.is_file() and path.suffix == ".npz":
-        with np.load(path) as z:
-            keys = set(z.files)
-        if "x_train" in keys:
-            return {"name": "cifar10_npz", "root": str(path)}
-        if "x" in keys:
-            return {"name": "cifar10_jpeg", "root": str(path)}
-    if path.is_dir():
-        if (path / "cifar-10-batches-py").is_dir() or (path / "data_batch_1").exists():
-            return {"name": "cifar10", "root": str(path)}
-        if (path / "train").is_dir() and (path / "val").is_dir():
-            return {"name": "imagefolder", "root": str(path)}
-    raise UserError(f"--data {text!r}: not a dataset name or a recognised path; use one of {names}, NAME:ROOT, "
-                    "a CIFAR npz file, a cifar-10-batches-py folder or an ImageFolder root with train/ and val/")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -49,6 +22,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     if getattr(args, "data", None):
         d = data_arg(args.data)
         sets += [f"data.name={d['name']}"] + ([f"data.root={d['root']}"] if d["root"] else [])
+    if getattr(args, "also", None):
+        sets.append(f"extra_eval=[{','.join(repr(a) for a in args.also)}]")  # a YAML flow list of quoted strings
     if getattr(args, "test_data", None):
         d = data_arg(args.test_data)
         sets += [f"data.test_name={d['name']}"] + ([f"data.test_root={d['root']}"] if d["root"] else [])
@@ -72,7 +47,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError("evaluate needs exactly one of --weights FILE or --packed FILE")
     data = DataConfig(**data_arg(args.data), augment=False, eval_batch_size=args.batch_size)
     cfg = EvalConfig(model=args.model, num_classes=args.num_classes, weights=args.weights, packed=args.packed,
-                     policy=args.policy, data=data, calib_batches=args.calib_batches, device=args.device)
+                     policy=args.policy, data=data, calib_batches=args.calib_batches, device=args.device,
+                     extra_eval=args.also or [])
     result = evaluate_model(cfg)
     print(json.dumps(result, indent=2))
     if args.out:
@@ -99,6 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None, help="float weights to start from")
     p.add_argument("--data", default=None, help="dataset: NAME, NAME:ROOT or a path (see gmpq evaluate -h)")
     p.add_argument("--test-data", default=None, help="evaluate on this dataset instead of DATA's test split")
+    p.add_argument("--also", action="append", metavar="DATA", help="also evaluate the result on DATA (repeatable)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--out", default=None, help="output folder (out_dir)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, repeatable")
@@ -112,6 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--packed", default=None, help="a packed file from gmpq export")
     p.add_argument("--policy", default=None)
     p.add_argument("--data", required=True, help=f"one of {list_datasets()}, NAME:ROOT, or a path")
+    p.add_argument("--also", action="append", metavar="DATA", help="also evaluate on DATA (repeatable)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--calib-batches", type=int, default=8,
                    help="calibrate uncalibrated activation quantizers on this many training batches")

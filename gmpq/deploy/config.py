@@ -34,6 +34,7 @@ class FinetuneConfig:
     gamma: float = 0.1
     calib_batches: int = 8
     kd: KDConfig = dataclasses.field(default_factory=KDConfig)
+    extra_eval: list[str] = dataclasses.field(default_factory=list)  # more test sets (--data syntax) for result.json
     max_steps_per_epoch: int | None = None  # cap steps per epoch (quick runs, tests)
     out_dir: str = "runs/finetune"
     seed: int = 0

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from gmpq.config import config_to_dict, save_config
 from gmpq.data import build_loaders
 from gmpq.deploy.config import FinetuneConfig
+from gmpq.deploy.datasets import extra_evaluations
 from gmpq.deploy.evaluate import evaluate
 from gmpq.errors import UserError
 from gmpq.io import atomic_write_json, ensure_writable_dir
@@ -88,10 +89,11 @@ def train_epoch(model, teacher, loader, opt, cfg: FinetuneConfig, info: DistInfo
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
-        log.scalars("train", {k: float(v) for k, v in terms.items()}, epoch * steps + step)
+        values = {k: v.item() for k, v in terms.items()}
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        log.scalars("train", values, epoch * steps + step)
     return {k: v / max(steps, 1) for k, v in sums.items()}
 
 
@@ -137,6 +139,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
               "top1": metrics["top1"], "top5": metrics["top5"], "n_test": metrics["n"],
               "top1_before_finetune": before["top1"],
               **quantized_result(model, layer_bits(policy, model), spec.input_size)}
+    if cfg.extra_eval:
+        result.update(extra_evaluations(model, cfg.extra_eval, info.device, cfg.data.eval_batch_size))
     if info.is_main:
         save_checkpoint(out / "model_final.pt", model=model.state_dict(), policy=policy,
                         config=config_to_dict(cfg))

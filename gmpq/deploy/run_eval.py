@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from gmpq.data import DataConfig, build_dataset
+from gmpq.deploy.datasets import extra_evaluations
 from gmpq.deploy.evaluate import evaluate
 from gmpq.deploy.finetune import quantized_result
 from gmpq.errors import UserError
@@ -27,6 +28,7 @@ class EvalConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     calib_batches: int = 8
     device: str = "auto"
+    extra_eval: list[str] = dataclasses.field(default_factory=list)  # more test sets (--data syntax)
 
 
 def _checkpoint_policy(path: str) -> tuple[bool, dict | None]:
@@ -84,6 +86,7 @@ def evaluate_model(cfg: EvalConfig) -> dict:
     test = build_dataset(cfg.data, "test", train_transform=False)
     metrics = evaluate(model, DataLoader(test, cfg.data.eval_batch_size), info.device)
     bits = {n: (s.w_bits, s.a_bits) for n, s in layer_specs(model).items()}
-    return {"model": cfg.model, "weights": cfg.weights, "packed": cfg.packed, "policy": cfg.policy,
+    extra = extra_evaluations(model, cfg.extra_eval, info.device, cfg.data.eval_batch_size)
+    return {**extra, "model": cfg.model, "weights": cfg.weights, "packed": cfg.packed, "policy": cfg.policy,
             "data": cfg.data.test_name or cfg.data.name, "top1": metrics["top1"], "top5": metrics["top5"],
             "n_test": metrics["n"], "calibrated_now": calibrated_now, **quantized_result(model, bits, spec.input_size)}
