@@ -15,6 +15,9 @@ from gmpq.errors import NonFiniteLossError, UserError
 # Each module registers its verbs; the order is the order of ``gmpq --help``.
 VERB_MODULES = [
     "gmpq.quant.cli",
+    "gmpq.search.cli",
+    "gmpq.deploy.cli",
+    "gmpq.detection.cli",
 ]
 
 
