@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gmpq.errors import UserError
-from gmpq.io import atomic_torch_save, atomic_write_text
+from gmpq.io import atomic_write_text
 
 
 class Dist:
@@ -108,19 +108,6 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def save_checkpoint(path: Path, **state) -> None:
-    atomic_torch_save(state, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"--resume: no checkpoint at {str(path)!r}; run without --resume to start a new search")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - a corrupt file must become a clear message
-        raise UserError(f"--resume: checkpoint {str(path)!r} cannot be read ({e})") from None
 
 
 def write_log(path: Path, records: list[dict]) -> None:

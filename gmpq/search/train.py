@@ -21,6 +21,7 @@ from gmpq.data import build_loaders
 from gmpq.errors import NonFiniteLossError
 from gmpq.io import ensure_writable_dir
 from gmpq.quant.policy import save_policy
+from gmpq.runtime import load_checkpoint, save_checkpoint
 from gmpq.search import losses as L
 from gmpq.search.config import SearchConfig
 from gmpq.search.export import build_policy, save_bits_chart
@@ -32,9 +33,7 @@ from gmpq.search.runtime import (
     allreduce_sum,
     broadcast_state,
     inputs_to,
-    load_checkpoint,
     read_log,
-    save_checkpoint,
     write_log,
 )
 

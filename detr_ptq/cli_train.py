@@ -1,0 +1,26 @@
+"""``detr-ptq train``: train a DETR from a recipe (see ``recipes/detr_tiny_digits.yaml``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from detr_ptq.engine.coco_eval import format_metrics
+from detr_ptq.engine.train import TrainConfig, train
+from gmpq.config import load_config
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(TrainConfig, args.recipe, args.set)
+    metrics = train(cfg, resume=args.resume)
+    print(f"final ({cfg.val_split}): {format_metrics(metrics)}")
+    print(f"checkpoint: {cfg.out_dir}/final.pth")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a DETR (AdamW, per-epoch checkpoints, TensorBoard)", description=__doc__)
+    p.add_argument("--recipe", default=None, help="YAML recipe of TrainConfig fields")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set epochs=3 --set model.num_queries=30")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pth")
+    p.set_defaults(func=run)

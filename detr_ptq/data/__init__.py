@@ -1,0 +1,1 @@
+"""Detection data: COCO and PASCAL VOC readers, DETR transforms, and the offline digits-COCO generator."""

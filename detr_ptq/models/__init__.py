@@ -1,0 +1,5 @@
+"""DETR model pieces, one concept per file; ``build_detr(cfg) -> (model, criterion, postprocessors)``."""
+
+from detr_ptq.models.build import DETR_PRESETS, DETRConfig, build_detr, get_preset
+
+__all__ = ["DETR_PRESETS", "DETRConfig", "build_detr", "get_preset"]
