@@ -20,7 +20,7 @@ def save_checkpoint(path: str | Path, **state: Any) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--resume: no checkpoint at {str(path)!r} (nothing to resume; run without --resume)")
+        raise UserError(f"--resume: no checkpoint at {str(path)!r}; run without --resume to start a new run")
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable

@@ -8,6 +8,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from gmpq.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class DistInfo:
@@ -29,6 +31,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
     ``device``: "auto" (cuda if available), "cpu" or "cuda".
     """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device='cuda' but no CUDA device is available; accepted values: ['auto', 'cpu', 'cuda']")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
