@@ -9,11 +9,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gmpq.errors import UserError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -81,3 +84,17 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise UserError(f"{what} {str(path)!r} is not valid JSON: {e.msg} at {where}") from None
     except UnicodeDecodeError:
         raise UserError(f"{what} {str(path)!r} is not a UTF-8 text file") from None
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file to RGB; a missing or undecodable file is a ``UserError`` naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"image {str(path)!r} does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"image {str(path)!r} cannot be decoded ({type(e).__name__}: {e}); "
+                        f"expected a JPEG or PNG file") from None

@@ -16,13 +16,7 @@ from detr_ptq.ptq.sensitivity import METRICS, SensitivityConfig, layer_traces, m
 from gmpq.errors import UserError
 from gmpq.quant.modules import quantizable_layers
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small_detr():

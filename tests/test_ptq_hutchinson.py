@@ -16,14 +16,7 @@ from detr_ptq.ptq.hutchinson import (
     traced_weights,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is ~20x faster than two on a shared, loaded 2-core machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Small(nn.Module):

@@ -23,12 +23,7 @@ REFERENCE = Path(os.environ.get("DETR_PTQ_REFERENCE") or
 DIGITS_SEED = 0  # the seed of the reference detector's dataset (recipes/detr_tiny_digits.yaml)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

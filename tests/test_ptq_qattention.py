@@ -17,13 +17,7 @@ from gmpq.quant.functional import symmetric_fake_quant
 from gmpq.quant.modules import quantizable_layers, swap_layers
 from gmpq.quant.policy import layer_bits
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _attn() -> MultiheadAttention:

@@ -9,11 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from gmpq.errors import UserError
-from gmpq.io import read_json
+from gmpq.io import load_image, read_json
 
 REQUIRED_IMAGE_KEYS = ("id", "file_name")
 REQUIRED_ANN_KEYS = ("image_id", "bbox", "category_id")
@@ -60,16 +59,6 @@ def coco_paths(coco_dir: str | Path, split: str | None = None) -> tuple[Path, Pa
     raise UserError(f"COCO folder {str(root)!r} has no annotations/instances_{{{','.join(candidates)}}}.json; "
                     f"found {found}; pass --split NAME for annotations/instances_NAME.json")
 
-
-def load_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise UserError(f"image {str(path)!r} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise UserError(f"image {str(path)!r} cannot be decoded ({type(e).__name__}: {e}); "
-                        f"expected a JPEG or PNG file") from None
 
 
 class CocoDetection(Dataset):

@@ -15,8 +15,9 @@ import torchvision.transforms.functional as TF
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from detr_ptq.data.coco import CocoDetection, load_image
+from detr_ptq.data.coco import CocoDetection
 from detr_ptq.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from gmpq.io import load_image
 
 
 def object_crops(dataset: CocoDetection, size: int) -> tuple[Tensor, Tensor]:

@@ -25,7 +25,7 @@ from gmpq.errors import UserError
 from gmpq.io import atomic_write_json, ensure_writable_dir
 from gmpq.models import create_model, model_spec
 from gmpq.quant import apply_policy, calibrate, cost_summary, layer_bits, load_policy
-from gmpq.runtime import DistInfo, RunLog, check_finite, init_distributed, load_checkpoint, save_checkpoint, set_seed
+from gmpq.runtime import DistInfo, RunLog, check_finite, init_distributed, restore_training, save_checkpoint, set_seed
 
 
 def loss_terms(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None,
@@ -109,10 +109,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
     log = RunLog(out, enabled=info.is_main, tensorboard=cfg.tensorboard)
     start, before = 0, None
     if resume:
-        state = load_checkpoint(ckpt, info.device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        state = restore_training(ckpt, model, opt, sched, info.device)
         start, before = state["epoch"], state["before"]
         log.truncate(start)
     else:

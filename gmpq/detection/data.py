@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from gmpq.errors import UserError
+from gmpq.io import load_image
 
 
 @dataclasses.dataclass
@@ -63,16 +64,6 @@ def warn_counts(counts: Counter, source: str, examples: list[str]) -> None:
                       f"{counts['outside']} outside the image) and clipped {counts['clipped']} to the image "
                       f"border{where}", stacklevel=3)
 
-
-def load_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise UserError(f"image {str(path)!r} does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"image {str(path)!r} cannot be decoded ({type(e).__name__}: {e}); "
-                        "expected a JPEG or PNG file") from None
 
 
 def image_size(path: Path) -> tuple[int, int]:

@@ -27,7 +27,16 @@ from gmpq.detection.mapping import map_policy
 from gmpq.errors import UserError
 from gmpq.io import atomic_write_json, ensure_writable_dir
 from gmpq.quant import apply_policy, calibrate, cost_summary, layer_bits, load_policy, save_policy
-from gmpq.runtime import DistInfo, RunLog, check_finite, init_distributed, load_checkpoint, save_checkpoint, set_seed
+from gmpq.runtime import (
+    DistInfo,
+    RunLog,
+    check_finite,
+    init_distributed,
+    load_checkpoint,
+    restore_training,
+    save_checkpoint,
+    set_seed,
+)
 
 
 def quantize_detector(model: nn.Module, policy: dict, cfg: DetFinetuneConfig, source: str) -> dict:
@@ -125,10 +134,7 @@ def finetune_det(cfg: DetFinetuneConfig, resume: bool = False) -> dict:
     log = RunLog(out, enabled=info.is_main, tensorboard=cfg.tensorboard)
     start, before = 0, None
     if resume:
-        state = load_checkpoint(ckpt, info.device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        state = restore_training(ckpt, model, opt, sched, info.device)
         start, before = state["epoch"], state["before"]
         log.truncate(start)
     else:

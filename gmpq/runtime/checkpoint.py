@@ -27,6 +27,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise UserError(f"checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e})") from None
 
 
+def restore_training(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                     device: str | torch.device = "cpu") -> dict:
+    """``--resume``: load model, optimizer and scheduler state from a ``save_checkpoint`` file in place; returns
+    the whole checkpoint (``epoch`` = finished epochs, plus whatever else the loop stored)."""
+    state = load_checkpoint(path, device)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
 def check_finite(terms: dict[str, torch.Tensor | float], step: int, checkpoint: str | Path | None) -> None:
     """Raise ``NonFiniteLossError`` naming every NaN/inf term; the last good checkpoint is left untouched."""
     values = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in terms.items()}
