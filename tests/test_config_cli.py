@@ -84,3 +84,20 @@ def test_cli_bad_policy_no_traceback(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert "gmpq: error:" in r.stderr and "gmpq-policy/9" in r.stderr and "gmpq-policy/1" in r.stderr
+
+
+def test_atomic_writes_use_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from gmpq.io import atomic_torch_save, atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        atomic_torch_save({"a": 1}, tmp_path / "b.pt")
+    finally:
+        os.umask(umask)
+    for name in ("a.txt", "b.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.pt"]  # no temporary files left
