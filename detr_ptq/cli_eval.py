@@ -9,10 +9,10 @@ from torch.utils.data import DataLoader
 
 from detr_ptq.data.coco import CocoDetection, coco_paths
 from detr_ptq.data.transforms import DetrTransform, collate
-from detr_ptq.engine.coco_eval import format_metrics
 from detr_ptq.engine.evaluate import evaluate
 from detr_ptq.models.build import DETR_PRESETS
 from detr_ptq.models.checkpoint import load_detr_with_file
+from gmpq.detection.pycoco import format_metrics
 from gmpq.io import atomic_write_json
 from gmpq.paths import expand_path
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from detr_ptq.engine.coco_eval import format_metrics
 from detr_ptq.engine.train import TrainConfig, train
 from gmpq.config import load_config
+from gmpq.detection.pycoco import format_metrics
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,13 +14,13 @@ from detr_ptq.cli import main
 from detr_ptq.data.coco import CocoDetection, coco_paths
 from detr_ptq.data.digits_coco import DigitsConfig, make_split
 from detr_ptq.data.transforms import DetrTransform, collate
-from detr_ptq.engine.coco_eval import coco_evaluate
 from detr_ptq.engine.evaluate import to_coco_detections
 from detr_ptq.engine.pretrain_backbone import object_crops
 from detr_ptq.engine.train import TrainConfig, _check_finite, train
 from detr_ptq.models import build_detr, get_preset
 from detr_ptq.models.checkpoint import save_detr
 from detr_ptq.models.postprocess import PostProcess
+from gmpq.detection.pycoco import coco_evaluate
 from gmpq.errors import NonFiniteLossError
 
 ASSET = Path(__file__).resolve().parent.parent / "detr_ptq" / "assets" / "detr_tiny_digits.pth"

@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from detr_ptq.engine.coco_eval import coco_evaluate
+from gmpq.detection.pycoco import coco_evaluate
 
 
 def to_coco_detections(targets: list[dict], results: list[dict]) -> list[dict]:

@@ -16,12 +16,12 @@ from tqdm import tqdm
 
 from detr_ptq.data.coco import CocoDetection, coco_paths
 from detr_ptq.data.transforms import DetrTransform, collate
-from detr_ptq.engine.coco_eval import format_metrics
 from detr_ptq.engine.evaluate import evaluate
 from detr_ptq.models.build import DETRConfig, build_detr, get_preset
 from detr_ptq.models.checkpoint import load_state_strict, read_state_dict, save_detr
 from detr_ptq.models.criterion import weighted_total
 from gmpq.config import save_config
+from gmpq.detection.pycoco import format_metrics
 from gmpq.errors import NonFiniteLossError, UserError
 from gmpq.io import atomic_torch_save, atomic_write_json, ensure_writable_dir
 from gmpq.paths import expand_path

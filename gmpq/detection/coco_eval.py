@@ -3,7 +3,7 @@ against a COCO dict built from its records, with ``difficult`` boxes as ``iscrow
 detections matched to them, as VOC ignores difficult objects; crowd matching uses intersection over the detection's
 area, so this is close to, not identical with, the VOC rule).
 
-The pycocotools call itself is ``detr_ptq.engine.coco_eval.coco_evaluate`` (it copes with json without
+The pycocotools call itself is ``gmpq.detection.pycoco.coco_evaluate`` (it copes with json without
 ``info``/``licenses`` and with empty detection lists).
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from detr_ptq.engine.coco_eval import coco_evaluate
 from gmpq.detection.data import DetectionDataset
+from gmpq.detection.pycoco import coco_evaluate
 
 
 def coco_ground_truth(ds: DetectionDataset) -> tuple[dict, list[int]]:
