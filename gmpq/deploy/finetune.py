@@ -25,7 +25,16 @@ from gmpq.errors import UserError
 from gmpq.io import atomic_write_json, ensure_writable_dir
 from gmpq.models import create_model, model_spec
 from gmpq.quant import apply_policy, calibrate, cost_summary, layer_bits, load_policy
-from gmpq.runtime import DistInfo, RunLog, check_finite, init_distributed, restore_training, save_checkpoint, set_seed
+from gmpq.runtime import (
+    DistInfo,
+    RunLog,
+    check_finite,
+    init_distributed,
+    restore_training,
+    save_checkpoint,
+    set_seed,
+    shutdown_distributed,
+)
 
 
 def loss_terms(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None,
@@ -143,4 +152,5 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
                         config=config_to_dict(cfg))
         atomic_write_json(out / "result.json", result)
     log.close()
+    shutdown_distributed(info)
     return result

@@ -45,6 +45,14 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
 
 
+def shutdown_distributed(info: DistInfo) -> None:
+    """Wait for every rank, then leave the process group (a rank that leaves while a peer is still busy can make
+    gloo abort the process at exit)."""
+    if info.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum ``t`` over processes (a copy; identity for one process)."""
     t = t.detach().clone()

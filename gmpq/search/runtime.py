@@ -42,6 +42,7 @@ class Dist:
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():
+            dist.barrier()  # rank 0 may still be writing outputs; leaving early can abort gloo's peer threads
             dist.destroy_process_group()
 
 
