@@ -101,3 +101,20 @@ def test_atomic_writes_use_normal_permissions(tmp_path):
     for name in ("a.txt", "b.pt"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.pt"]  # no temporary files left
+
+
+def test_run_log_keeps_old_epochs_only_on_resume(tmp_path):
+    import json
+
+    from gmpq.runtime import RunLog
+
+    old = RunLog(tmp_path, tensorboard=False)
+    for e in range(3):
+        old.epoch({"epoch": e})
+    fresh = RunLog(tmp_path, tensorboard=False)  # a new run into the same folder: no stale epochs
+    fresh.epoch({"epoch": 0, "new": True})
+    assert [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [{"epoch": 0, "new": True}]
+    resumed = RunLog(tmp_path, tensorboard=False, resume=True)
+    resumed.truncate(1)
+    resumed.epoch({"epoch": 1})
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [0, 1]

@@ -115,7 +115,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
     train_loader, test_loader = build_loaders(cfg.data, distributed=info.distributed)
     opt, sched = _optimizer(model, cfg)
     ckpt = out / "checkpoint.pt"
-    log = RunLog(out, enabled=info.is_main, tensorboard=cfg.tensorboard)
+    log = RunLog(out, enabled=info.is_main, tensorboard=cfg.tensorboard, resume=resume)
     start, before = 0, None
     if resume:
         state = restore_training(ckpt, model, opt, sched, info.device)

@@ -131,7 +131,7 @@ def finetune_det(cfg: DetFinetuneConfig, resume: bool = False) -> dict:
                           weight_decay=cfg.weight_decay)
     sched = _schedule(opt, cfg, steps)
     ckpt = out / "checkpoint.pt"
-    log = RunLog(out, enabled=info.is_main, tensorboard=cfg.tensorboard)
+    log = RunLog(out, enabled=info.is_main, tensorboard=cfg.tensorboard, resume=resume)
     start, before = 0, None
     if resume:
         state = restore_training(ckpt, model, opt, sched, info.device)

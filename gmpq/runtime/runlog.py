@@ -21,14 +21,14 @@ def set_seed(seed: int) -> None:
 class RunLog:
     """``scalar()`` goes to TensorBoard (``<out>/tb``); ``epoch()`` appends a JSON line to ``<out>/log.jsonl``.
 
-    Only the main process writes (``enabled=False`` elsewhere). On resume the existing lines are kept, so no
-    finished epoch is lost.
+    Only the main process writes (``enabled=False`` elsewhere). With ``resume`` the existing lines are kept (then
+    ``truncate`` them to the finished epochs), so no finished epoch is lost; a fresh run starts an empty log.
     """
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True, resume: bool = False):
         self.path = Path(out_dir) / "log.jsonl"
         self.enabled = enabled
-        self.lines = self.path.read_text().splitlines() if enabled and self.path.exists() else []
+        self.lines = self.path.read_text().splitlines() if enabled and resume and self.path.exists() else []
         self.tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter

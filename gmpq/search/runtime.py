@@ -7,17 +7,14 @@ averaged with one all-reduce per step instead of DDP, because the student Grad-C
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from gmpq.errors import UserError
-from gmpq.io import atomic_write_text
 
 
 class Dist:
@@ -109,21 +106,3 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def write_log(path: Path, records: list[dict]) -> None:
-    """Rewrite ``log.jsonl`` (one JSON line per finished epoch) atomically."""
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
-
-
-def read_log(path: Path, before_epoch: int) -> list[dict]:
-    """Lines of an existing log for epochs < ``before_epoch`` (a resumed run keeps its history)."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            if rec.get("epoch", 0) < before_epoch:
-                out.append(rec)
-    return out

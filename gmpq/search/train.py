@@ -21,7 +21,7 @@ from gmpq.data import build_loaders
 from gmpq.errors import NonFiniteLossError
 from gmpq.io import ensure_writable_dir
 from gmpq.quant.policy import save_policy
-from gmpq.runtime import load_checkpoint, save_checkpoint
+from gmpq.runtime import RunLog, load_checkpoint, save_checkpoint
 from gmpq.search import losses as L
 from gmpq.search.config import SearchConfig
 from gmpq.search.export import build_policy, save_bits_chart
@@ -33,8 +33,6 @@ from gmpq.search.runtime import (
     allreduce_sum,
     broadcast_state,
     inputs_to,
-    read_log,
-    write_log,
 )
 
 
@@ -184,8 +182,9 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> dict:
             scheduler.load_state_dict(state["scheduler"])
             start = state["epoch"]
         broadcast_state(s.model, d)
-        writer = _tensorboard(out) if d.is_main else None
-        log = read_log(out / "log.jsonl", start + 1) if d.is_main and resume else []
+        log = RunLog(out, enabled=d.is_main, resume=resume)
+        log.truncate(start + 1)  # epochs are numbered from 1 in the search log
+        writer = log.tb
         metrics: dict = {"epoch": start}
         for epoch in range(start, cfg.epochs):
             t0 = time.time()
@@ -205,22 +204,14 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> dict:
                                 config=dataclasses.asdict(cfg))
                 save_policy(policy, out / "policy.json")
                 save_bits_chart(policy, out / "policy_bits.png")
-                log.append(metrics)
-                write_log(out / "log.jsonl", log)
+                log.epoch(metrics)
                 _log_epoch(writer, s.model, metrics, epoch + 1)
                 print(f"epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(
                     f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
-        if writer is not None:
-            writer.close()
+        log.close()
         return metrics
     finally:
         d.close()
-
-
-def _tensorboard(out: Path):
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(out / "tb"))
 
 
 @torch.no_grad()
