@@ -12,6 +12,7 @@ VERB_MODULES: list[str] = [
     "detr_ptq.cli_train",
     "detr_ptq.cli_eval",
     "detr_ptq.cli_ptq",
+    "detr_ptq.cli_qat",
 ]
 
 

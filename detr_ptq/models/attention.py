@@ -10,6 +10,7 @@ quantizers without editing this file:
 
     w_quant     applied to ``in_proj_weight`` before use                [3E, E]
     a_quant     applied to each of the query / key / value inputs       [L or S, B, E]
+    q_norm      projected queries, before q_quant (Q-DETR distribution alignment; identity by default)
     q_quant     projected queries                                       [B, h, L, E/h]
     k_quant     projected keys                                          [B, h, S, E/h]
     attn_quant  softmax attention map                                   [B, h, L, S]
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-HOOK_NAMES = ("w_quant", "a_quant", "q_quant", "k_quant", "attn_quant", "v_quant")
+HOOK_NAMES = ("w_quant", "a_quant", "q_norm", "q_quant", "k_quant", "attn_quant", "v_quant")
 
 
 class MultiheadAttention(nn.Module):
@@ -69,7 +70,7 @@ class MultiheadAttention(nn.Module):
         w = self.w_quant(self.in_proj_weight)
         w_q, w_k, w_v = w[:e], w[e:2 * e], w[2 * e:]
         b_q, b_k, b_v = self.in_proj_bias[:e], self.in_proj_bias[e:2 * e], self.in_proj_bias[2 * e:]
-        q = self.q_quant(self._split_heads(F.linear(self.a_quant(query), w_q, b_q)))
+        q = self.q_quant(self.q_norm(self._split_heads(F.linear(self.a_quant(query), w_q, b_q))))
         k = self.k_quant(self._split_heads(F.linear(self.a_quant(key), w_k, b_k)))
         v = self.v_quant(self._split_heads(F.linear(self.a_quant(value), w_v, b_v)))
 

@@ -78,6 +78,12 @@ def load_detr_with_file(path: str | Path, config: str | None = None, verbose: bo
     if verbose:
         print(f"checkpoint {path}: found a {found}; config {cfg.name}")
     model, criterion, post = build_detr(cfg)
+    if isinstance(raw.get("qat"), dict):  # a ``detr-ptq qat`` result: rebuild its quantizers first
+        from detr_ptq.qat.quantize import quantize_like
+
+        quantize_like(model, raw["qat"], cfg.name)
+        if verbose:
+            print(f"checkpoint {path}: quantization-aware trained ({raw['qat']['policy']['created_by']['method']})")
     load_state_strict(model, state, f"checkpoint {str(path)!r}")
     return model, criterion, post, cfg, raw
 

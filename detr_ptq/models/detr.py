@@ -45,13 +45,16 @@ class DETR(nn.Module):
         self.input_proj = nn.Conv2d(backbone.num_channels, hidden, kernel_size=1)
         self.backbone = backbone
         self.aux_loss = aux_loss
+        # Quantization hook for the query embeddings (``weight [Q, d]``): parameter-free identity unless QAT
+        # installs a weight quantizer (see detr_ptq.qat.quantize); keeps the official state-dict names.
+        self.query_quant = nn.Identity()
 
     def forward(self, images: Tensor, mask: Tensor | None = None) -> dict:
         if mask is None:
             b, _, h, w = images.shape
             mask = images.new_zeros((b, h, w), dtype=bool)
         feat, small_mask, pos = self.backbone(images, mask)
-        hs = self.transformer(self.input_proj(feat), small_mask, self.query_embed.weight, pos)[0]
+        hs = self.transformer(self.input_proj(feat), small_mask, self.query_quant(self.query_embed.weight), pos)[0]
         logits = self.class_embed(hs)  # [L, B, Q, K+1]
         boxes = self.bbox_embed(hs).sigmoid()  # [L, B, Q, 4]
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}

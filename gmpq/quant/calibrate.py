@@ -1,8 +1,13 @@
-"""Calibration of activation quantizers: observe a few batches in full precision, then set the ranges."""
+"""Calibration of activation quantizers: observe a few batches in full precision, then set the ranges.
+
+Besides ``ActQuantizer`` any module with a class attribute ``calibration_observer = True``, an ``observing`` flag,
+an ``initialized`` buffer and ``finish_calibration()`` takes part (e.g. DETR's query distribution alignment).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,15 +21,24 @@ def _inputs(batch):
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def _observers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules()
+            if (isinstance(m, ActQuantizer) and m.bits < 32) or getattr(m, "calibration_observer", False)}
+
+
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8, device: torch.device | str | None = None
+def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8, device: torch.device | str | None = None,
+              forward: Callable[[nn.Module, Any], Any] | None = None, only: Collection[str] | None = None
               ) -> dict[str, dict]:
     """Run up to ``num_batches`` batches through ``model`` with every activation quantizer observing, then
     initialise them. Weights are not changed; BN statistics are not updated (eval mode).
 
+    ``forward(model, batch)`` runs one batch (default: ``model(x)`` with ``x`` the batch or its first item, moved
+    to ``device``), for models whose forward takes more than one input. ``only``: the names of the quantizers
+    to (re)calibrate; the others keep their state and quantize as usual.
     Returns ``{quantizer_name: {"signed", "alpha"|"step","offset"}}`` for logging.
     """
-    acts = {n: m for n, m in model.named_modules() if isinstance(m, ActQuantizer) and m.bits < 32}
+    acts = {n: m for n, m in _observers(model).items() if only is None or n in only}
     if not acts:
         return {}
     was_training = model.training
@@ -32,11 +46,16 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8, device:
     for q in acts.values():
         q.observing = True
         q._stats.clear()
+        if hasattr(q, "_samples"):
+            q._samples.clear()
     seen = 0
     try:
         for batch in batches:
-            x = _inputs(batch)
-            model(x.to(device) if device is not None else x)
+            if forward is not None:
+                forward(model, batch)
+            else:
+                x = _inputs(batch)
+                model(x.to(device) if device is not None else x)
             seen += 1
             if seen >= num_batches:
                 break
@@ -49,19 +68,18 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int = 8, device:
     out = {}
     for name, q in acts.items():
         q.finish_calibration()
-        state = {"signed": bool(q.signed)}
-        state.update({k: float(v) for k, v in q.named_parameters()})
+        state = {"signed": bool(q.signed)} if hasattr(q, "signed") else {}
+        state.update({k: v.tolist() for k, v in q.named_parameters()})
         out[name] = state
     return out
 
 
 def is_calibrated(model: nn.Module) -> bool:
-    return all(bool(m.initialized) for m in model.modules() if isinstance(m, ActQuantizer) and m.bits < 32)
+    return all(bool(m.initialized) for m in _observers(model).values())
 
 
 def require_calibrated(model: nn.Module) -> None:
-    missing = [n for n, m in model.named_modules()
-               if isinstance(m, ActQuantizer) and m.bits < 32 and not bool(m.initialized)]
+    missing = [n for n, m in _observers(model).items() if not bool(m.initialized)]
     if missing:
         raise UserError(f"{len(missing)} activation quantizer(s) are not calibrated (e.g. {missing[:3]}); run "
                         "gmpq.quant.calibrate(model, batches) first")

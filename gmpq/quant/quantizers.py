@@ -16,6 +16,8 @@ from gmpq.quant import functional as F
 WEIGHT_METHODS = ("symmetric", "lsq")
 ACT_METHODS = ("pact", "lsq+")
 CALIB_SAMPLE = 200_000  # values per batch used for the percentile estimate (torch.quantile has a size limit)
+MSE_SAMPLE = 20_000  # values per batch kept for the MSE range search of ``init="mse"``
+ACT_INITS = ("minmax", "mse")
 
 
 def check_method(method: str, allowed: tuple[str, ...], what: str) -> str:
@@ -55,6 +57,13 @@ class WeightQuantizer(nn.Module):
             self.step.copy_(F.lsq_init_step(w, self.qrange[1], self.per_channel).reshape(self.step.shape))
             self.initialized.fill_(True)
 
+    @torch.no_grad()
+    def init_mse(self, w: Tensor) -> None:
+        """LSQ initialisation at the MSE-optimal step (``functional.mse_step``); a no-op for ``symmetric``."""
+        if self.method == "lsq":
+            self.step.copy_(F.mse_step(w, *self.qrange, self.per_channel).reshape(self.step.shape))
+            self.initialized.fill_(True)
+
     def forward(self, w: Tensor) -> Tensor:
         if self.bits == F.FULL_PRECISION or not self.enabled:
             return w
@@ -92,13 +101,17 @@ class ActQuantizer(nn.Module):
     ``finish_calibration()`` then sets the parameters (PACT alpha from the mean per-batch ``percentile`` of |x|;
     LSQ+ step/offset from the mean per-batch min and max) and marks the quantizer initialized.
     ``signed`` (PACT) is decided at calibration: True when any observed input is negative.
+    ``init="mse"`` (LSQ+ only) instead picks the range ``r * [min, max]`` with the least quantization MSE on a
+    sample of the observed values (``functional.mse_step_offset``).
     """
 
-    def __init__(self, bits: int, method: str = "pact", percentile: float = 0.999):
+    def __init__(self, bits: int, method: str = "pact", percentile: float = 0.999, init: str = "minmax"):
         super().__init__()
         self.bits = F.check_bits(bits, "a_bits")
         self.method = check_method(method, ACT_METHODS, "a_method")
+        self.init = check_method(init, ACT_INITS, "activation init")
         self.percentile = percentile
+        self._samples: list[Tensor] = []
         self.enabled = True
         self.onnx_mode = False
         self.observing = False
@@ -120,6 +133,8 @@ class ActQuantizer(nn.Module):
             flat = flat[idx]
         pct = torch.quantile(flat.abs(), self.percentile).item()
         self._stats.append((flat.min().item(), flat.max().item(), pct))
+        if self.init == "mse":
+            self._samples.append(flat[torch.randperm(flat.numel(), device=flat.device)[:MSE_SAMPLE]].cpu())
 
     @torch.no_grad()
     def finish_calibration(self) -> None:
@@ -131,12 +146,17 @@ class ActQuantizer(nn.Module):
         self.signed.fill_(neg)
         if self.method == "pact":
             self.alpha.fill_(max(pct, 1e-4))
+        elif self.init == "mse":
+            step, offset = F.mse_step_offset(torch.cat(self._samples), min(lo, 0.0), hi, self.bits)
+            self.step.copy_(step)
+            self.offset.copy_(offset)
         else:
             step, offset = F.minmax_step_offset(torch.tensor(min(lo, 0.0)), torch.tensor(max(hi, 1e-4)), self.bits)
             self.step.copy_(step)
             self.offset.copy_(offset)
         self.initialized.fill_(True)
         self._stats.clear()
+        self._samples.clear()
         self.observing = False
 
     @property

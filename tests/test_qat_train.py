@@ -1,0 +1,140 @@
+"""``detr-ptq qat`` end to end on the reference detector: calibration is required, a short run improves AP, the
+final checkpoint evaluates through ``detr-ptq eval``, bad input (bits, teacher, NaN) and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from detr_ptq.cli import main
+from detr_ptq.cli_eval import evaluate_checkpoint
+from detr_ptq.data.digits_coco import make_digits_coco
+from detr_ptq.models import build_detr, get_preset
+from detr_ptq.models.checkpoint import save_detr
+from detr_ptq.models.criterion import SetCriterion
+from detr_ptq.ptq.apply import uniform_detr_policy
+from detr_ptq.qat.config import QATConfig
+from detr_ptq.qat.train import qat
+from gmpq.errors import NonFiniteLossError, UserError
+from gmpq.quant.policy import save_policy
+from gmpq.quant.quantizers import ActQuantizer, WeightQuantizer
+
+REFERENCE = Path(__file__).resolve().parent.parent / "detr_ptq" / "assets" / "detr_tiny_digits.pth"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    """The first images of the reference detector's train and held-out splits."""
+    out = tmp_path_factory.mktemp("digits")
+    make_digits_coco(out, seed=0, num_train=96, num_val=48)
+    return out
+
+
+def _cfg(digits: Path, out: Path, **kw) -> QATConfig:
+    base = dict(checkpoint=str(REFERENCE), data_dir=str(digits), out_dir=str(out), epochs=1, steps_per_epoch=2,
+                batch_size=4, calib_batches=2, eval_float=False, progress=False, tensorboard=False)
+    return QATConfig(**{**base, **kw})
+
+
+def test_refuses_to_train_uncalibrated(digits, tmp_path):
+    with pytest.raises(UserError, match="not calibrated"):
+        qat(_cfg(digits, tmp_path, calib_batches=0))
+    assert not (tmp_path / "checkpoint.pth").exists()
+
+
+def test_short_qat_improves_ap_over_the_untrained_quantized_model(digits, tmp_path):
+    """W3A3 (8-bit attention) with DA and FQM: 40 steps must beat the calibrated but untrained student."""
+    result = qat(_cfg(digits, tmp_path, bits="3-3-8", align=True, fqm=True, steps_per_epoch=20, epochs=2,
+                      lr=2e-4, eval_float=True))
+    assert result["AP50"] > result["before"]["AP50"] + 0.05, result
+    assert result["AP"] > result["before"]["AP"]
+    assert result["float"]["AP50"] > result["AP50"]  # sanity: the float model is still better
+    # The final checkpoint rebuilds its quantizers in `detr-ptq eval` and scores the same.
+    again = evaluate_checkpoint(tmp_path / "final.pth", digits, "val", progress=False)
+    assert again["AP"] == pytest.approx(result["AP"], abs=1e-9)
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1] and all(r["train_fqm_selected"] > 0 for r in log)
+    saved = json.loads((tmp_path / "policy.json").read_text())
+    assert saved["layers"]["backbone.0.body.conv1"]["w_bits"] == 8  # first conv at 8 bits by default
+    assert saved["layers"]["class_embed"]["w_bits"] == 32  # heads full precision by default
+    assert saved["layers"]["transformer.decoder.layers.0.multihead_attn"]["attn_bits"] == 8
+
+
+def test_module_ablation_quantizes_only_the_listed_parts(digits, tmp_path):
+    result = qat(_cfg(digits, tmp_path, quantize=["backbone"], steps_per_epoch=1))
+    layers = json.loads((tmp_path / "policy.json").read_text())["layers"]
+    quantized = {n for n, e in layers.items() if e["w_bits"] < 32}
+    assert quantized and all(n.startswith("backbone.") for n in quantized)
+    assert result["avg_w_bits"] < 32
+
+
+def test_policy_seeds_qat_and_fills_activation_bits(digits, tmp_path):
+    model, _, _ = build_detr(get_preset("detr_tiny"))
+    policy = uniform_detr_policy(model, "detr_tiny", 5, ["class_embed", "bbox_embed.*"])  # weight-only, as PTQ
+    save_policy(policy, tmp_path / "ilp.json")
+    from detr_ptq.qat.setup import build_models
+    from gmpq.runtime import DistInfo
+
+    cfg = _cfg(digits, tmp_path / "run", policy=str(tmp_path / "ilp.json"), fill_a_bits=6, fill_attn_bits=7)
+    student = build_models(cfg, DistInfo()).student
+    conv = student.get_submodule("backbone.0.body.layer1.0.conv1")
+    attn = student.get_submodule("transformer.encoder.layers.0.self_attn")
+    assert isinstance(conv.w_quant, WeightQuantizer) and conv.w_quant.bits == 5 and conv.w_quant.method == "lsq"
+    assert isinstance(conv.a_quant, ActQuantizer) and conv.a_quant.bits == 6 and conv.a_quant.method == "lsq+"
+    assert attn.attn_quant.bits == 7 and attn.q_quant.bits == 7
+    assert not isinstance(getattr(student.class_embed, "w_quant", None), WeightQuantizer)
+
+
+def test_policy_with_unsupported_bits_is_refused(digits, tmp_path, capsys):
+    model, _, _ = build_detr(get_preset("detr_tiny"))
+    policy = uniform_detr_policy(model, "detr_tiny", 4, [])
+    policy["layers"]["input_proj"]["w_bits"] = 1
+    (tmp_path / "bad.json").write_text(json.dumps(policy))
+    rc = main(["qat", "--policy", str(tmp_path / "bad.json"), "--set", f"data_dir={digits}",
+               "--set", f"out_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bad.json" in err and "w_bits=1" in err and "accepted values" in err
+    with pytest.raises(UserError, match="attn_bits=1 .*accepted values"):
+        QATConfig(bits="4-4-1")
+    with pytest.raises(UserError, match="unknown part.*'decoder'.*accepted"):
+        QATConfig(quantize=["backbone", "decoder"])
+
+
+def test_teacher_that_does_not_match_is_refused(digits, tmp_path):
+    cfg = get_preset("detr_tiny")
+    cfg.num_queries = 7
+    model, _, _ = build_detr(cfg)
+    save_detr(tmp_path / "teacher.pth", model, cfg)
+    with pytest.raises(UserError, match="teacher checkpoint .*num_queries: teacher 7 vs student 20"):
+        qat(_cfg(digits, tmp_path / "run", fqm=True, teacher=str(tmp_path / "teacher.pth")))
+
+
+def test_nan_stops_with_the_term_named_and_resume_loses_no_epoch(digits, tmp_path, monkeypatch):
+    real_forward, calls = SetCriterion.forward, {"n": 0}
+
+    def flaky(self, outputs, targets):
+        terms = real_forward(self, outputs, targets)
+        calls["n"] += 1
+        if calls["n"] == 5:  # epoch 2, step 1 (2 steps per epoch)
+            terms["loss_giou"] = terms["loss_giou"] * math.nan
+        return terms
+
+    monkeypatch.setattr(SetCriterion, "forward", flaky)
+    cfg = _cfg(digits, tmp_path, epochs=3, two_stage=True, stage1_epochs=1)
+    with pytest.raises(NonFiniteLossError, match="loss_giou=nan.*last good checkpoint is kept"):
+        qat(cfg)
+    state = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert state["epoch"] == 2
+    before = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["stage"] for x in before] == [1, 2]
+    monkeypatch.setattr(SetCriterion, "forward", real_forward)
+    result = qat(cfg, resume=True)
+    after = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert after[:2] == before and [json.loads(x)["epoch"] for x in after] == [0, 1, 2]
+    assert result["epochs"] == 3 and (tmp_path / "final.pth").exists()
