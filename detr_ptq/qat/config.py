@@ -90,6 +90,8 @@ class QATConfig:
         if self.two_stage and not 0 < self.stage1_epochs < self.epochs:
             raise UserError(f"two_stage: stage1_epochs={self.stage1_epochs} must be in [1, epochs - 1 = "
                             f"{self.epochs - 1}]")
+        if self.two_stage and self.calib_batches < 1:
+            raise UserError("two_stage needs calib_batches >= 1 (stage 2 re-calibrates the newly quantized parts)")
         if not 0 < self.fqm_tau <= 1:
             raise UserError(f"fqm_tau={self.fqm_tau} must be in (0, 1]")
 

@@ -18,9 +18,11 @@ class CrossAttentionTap:
     """Records the output of every decoder cross-attention (``[Q, B, E]`` each) during a forward pass.
 
     ``features()`` -> ``[L, B, Q, E]`` (decoder layer order) and forgets them; ``close()`` removes the hooks.
+    Records only while ``active`` (set around the training forward), so evaluation keeps nothing.
     """
 
     def __init__(self, model: nn.Module) -> None:
+        self.active = False
         self._outputs: list[Tensor] = []
         self._hooks = [m.register_forward_hook(self._record) for n, m in model.named_modules()
                        if is_decoder_cross_attention(n)]
@@ -28,15 +30,16 @@ class CrossAttentionTap:
             raise ValueError("the model has no decoder cross-attention (transformer.decoder.layers.N.multihead_attn)")
 
     def _record(self, module: nn.Module, inputs: tuple, output: tuple) -> None:
-        self._outputs.append(output[0])
+        if self.active:
+            self._outputs.append(output[0])
 
     def features(self) -> Tensor:
         feats = torch.stack([o.permute(1, 0, 2) for o in self._outputs])
         self._outputs = []
         return feats
 
-    def clear(self) -> None:
-        self._outputs = []
+    def start(self) -> None:
+        self._outputs, self.active = [], True
 
     def close(self) -> None:
         for h in self._hooks:

@@ -14,7 +14,7 @@ from detr_ptq.data.coco import CocoDetection, coco_paths
 from detr_ptq.data.transforms import DetrTransform, collate
 from detr_ptq.data.voc import VocDetection
 from detr_ptq.models.build import DETRConfig
-from detr_ptq.ptq.apply import load_float
+from detr_ptq.models.checkpoint import load_detr_with_file
 from detr_ptq.ptq.calibset import checkpoint_resize
 from detr_ptq.qat.config import QATConfig
 from detr_ptq.qat.quantize import build_student, policy_from_file, uniform_qat_policy
@@ -69,6 +69,16 @@ def detection_dataset(fmt: str, root: str, split: str, transform, max_images: in
     return dataset
 
 
+def load_float_detr(path: str, config: str, what: str):
+    """-> (model in eval mode, criterion, postprocessors, DETRConfig); refuses a QAT result (a quantized model
+    would silently become the "full-precision" teacher or be quantized twice)."""
+    model, criterion, post, dcfg, raw = load_detr_with_file(expand_path(path), config or None, verbose=False)
+    if isinstance(raw.get("qat"), dict):
+        raise UserError(f"{what} {path!r} is a `detr-ptq qat` result (quantized); {what} must be a "
+                        f"full-precision DETR checkpoint")
+    return model.eval(), criterion, post, dcfg
+
+
 def check_teacher(teacher_cfg: DETRConfig, student_cfg: DETRConfig, path: str) -> None:
     diffs = [f"{k}: teacher {getattr(teacher_cfg, k)!r} vs student {getattr(student_cfg, k)!r}"
              for k in TEACHER_FIELDS if getattr(teacher_cfg, k) != getattr(student_cfg, k)]
@@ -83,7 +93,7 @@ def load_teacher(cfg: QATConfig, student_cfg: DETRConfig, device: torch.device) 
     if not cfg.fqm:
         return None
     path = cfg.teacher or cfg.checkpoint
-    teacher, _, _, tcfg = load_float(path, cfg.config if not cfg.teacher else "")
+    teacher, _, _, tcfg = load_float_detr(path, cfg.config if not cfg.teacher else "", "teacher checkpoint")
     check_teacher(tcfg, student_cfg, path)
     return teacher.eval().requires_grad_(False).to(device)
 
@@ -111,7 +121,7 @@ class Models:
 def build_models(cfg: QATConfig, info: DistInfo, saved_policy: Path | None = None,
                  before_quantization=None) -> Models:
     """Load the float model, call ``before_quantization(model)`` (e.g. to evaluate it), quantize it."""
-    model, criterion, post, dcfg = load_float(cfg.checkpoint, cfg.config)
+    model, criterion, post, dcfg = load_float_detr(cfg.checkpoint, cfg.config, "checkpoint")
     model.to(info.device)
     criterion.to(info.device)
     if before_quantization is not None:

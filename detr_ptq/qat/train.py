@@ -28,17 +28,20 @@ from detr_ptq.qat.quantize import calibrate_student, init_weight_steps, layer_pa
 from detr_ptq.qat.setup import Data, Models, build_data, build_models, result_header
 from gmpq.config import save_config
 from gmpq.detection.pycoco import format_metrics
-from gmpq.errors import UserError
+from gmpq.errors import NonFiniteLossError, UserError
 from gmpq.io import atomic_write_json, ensure_writable_dir
 from gmpq.paths import expand_path
 from gmpq.quant import cost_summary, layer_bits
 from gmpq.quant.calibrate import require_calibrated
 from gmpq.quant.policy import save_policy
 from gmpq.runtime import (
+    DistInfo,
     RunLog,
+    any_process,
+    broadcast_state,
     check_finite,
     init_distributed,
-    restore_training,
+    load_checkpoint,
     save_checkpoint,
     set_seed,
     shutdown_distributed,
@@ -71,7 +74,7 @@ def _train_mode(model: nn.Module, freeze_bn: bool) -> None:
                 m.eval()
 
 
-def enter_stage(m: Models, cfg: QATConfig, epoch: int, data: Data, device, log) -> int:
+def enter_stage(m: Models, cfg: QATConfig, epoch: int, data: Data, info: DistInfo, opt, log) -> int:
     """Two-stage QAT: epochs < ``stage1_epochs`` quantize only the backbone; at the switch the remaining weight
     steps are re-initialised and their activation quantizers re-calibrated on the stage-1 weights."""
     if not cfg.two_stage:
@@ -84,9 +87,26 @@ def enter_stage(m: Models, cfg: QATConfig, epoch: int, data: Data, device, log) 
         later = lambda name: layer_part_of(name) not in STAGE1_PARTS  # noqa: E731
         n = init_weight_steps(m.student, cfg.w_init, later)
         names = [n for n, q in m.student.named_modules() if hasattr(q, "observing") and later(n)]
-        calibrate_student(m.student, data.calib, cfg.calib_batches, device, only=names)
+        calibrate_student(m.student, data.calib, cfg.calib_batches, info.device, only=names)
+        broadcast_state(m.student, info)  # calibration samples at random: make every process use rank 0's
+        for name, p in m.student.named_parameters():  # fresh steps/offsets: drop their stale Adam moments
+            if ("quant" in name or "q_norm" in name) and later(name.rsplit(".", 1)[0]):
+                opt.state.pop(p, None)
         log(f"stage 2: every part quantized; {n} weight steps re-initialised, {len(names)} quantizers re-calibrated")
     return 2
+
+
+def qat_settings(cfg: QATConfig) -> dict:
+    """The settings that shape the student's state dict (a resumed run must use the same)."""
+    return {"align": cfg.align, "query_embed_bits": cfg.query_embed_bits, "per_channel": cfg.per_channel,
+            "two_stage": cfg.two_stage, "stage1_epochs": cfg.stage1_epochs if cfg.two_stage else None}
+
+
+def check_resume_settings(saved: dict, now: dict, ckpt: Path) -> None:
+    diffs = [f"{k}: checkpoint {saved[k]!r} vs config {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
+    if diffs:
+        raise UserError(f"--resume: {str(ckpt)!r} was trained with other settings ({'; '.join(diffs)}); use the "
+                        f"same settings or another out_dir")
 
 
 def layer_part_of(quantizer_name: str) -> str:
@@ -94,8 +114,18 @@ def layer_part_of(quantizer_name: str) -> str:
     return "query_embed" if layer.startswith("query_quant") else layer_part(layer)
 
 
-def train_epoch(net: nn.Module, m: Models, data: Data, opt, cfg: QATConfig, epoch: int, device, taps,
-                runlog: RunLog, ckpt: Path, is_main: bool) -> dict[str, float]:
+def _stop_if_not_finite(terms: dict, step: int, ckpt: Path, info: DistInfo) -> None:
+    """Every process stops together (a lone rank raising would leave the others in the gradient all-reduce)."""
+    bad = not all(torch.isfinite(v.detach()).all() for v in terms.values())
+    if any_process(bad, info):
+        check_finite(terms, step, ckpt if ckpt.exists() else None)  # raises, naming the terms, where they are bad
+        raise NonFiniteLossError(f"non-finite loss on another process at step {step}; the last good checkpoint "
+                                 f"is kept at {str(ckpt)!r}")
+
+
+def train_epoch(net: nn.Module, m: Models, data: Data, opt, cfg: QATConfig, epoch: int, info: DistInfo, taps,
+                runlog: RunLog, ckpt: Path) -> dict[str, float]:
+    device, is_main = info.device, info.is_main
     _train_mode(m.student, cfg.freeze_bn)
     if hasattr(data.train.sampler, "set_epoch"):
         data.train.sampler.set_epoch(epoch)
@@ -108,17 +138,19 @@ def train_epoch(net: nn.Module, m: Models, data: Data, opt, cfg: QATConfig, epoc
             break
         images, mask, targets = images.to(device), mask.to(device), _to(targets, device)
         for tap in taps:
-            tap.clear()
+            tap.start()
         outputs = net(images, mask)
         terms = m.criterion(outputs, targets)
         if m.teacher is not None:
             with torch.no_grad():
                 t_out = m.teacher(images, mask)
+            for tap in taps:
+                tap.active = False
             terms["distill"], stats = distill_term(outputs, t_out, taps[0].features(), taps[1].features(),
                                                    targets, cfg.fqm_tau)
             terms["fqm_selected"] = torch.tensor(stats["fqm_selected"])
         loss = total_loss(terms, m.criterion.weight_dict, cfg.distill_weight)
-        check_finite({"total": loss, **terms}, epoch * steps + step, ckpt if ckpt.exists() else None)
+        _stop_if_not_finite({"total": loss, **terms}, epoch * steps + step, ckpt, info)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip_max_norm > 0:
@@ -162,10 +194,14 @@ def qat(cfg: QATConfig, resume: bool = False, log=print) -> dict:
     runlog = RunLog(out, enabled=info.is_main, tensorboard=cfg.tensorboard, resume=resume)
     start = 0
     if resume:
-        state = restore_training(ckpt, m.student, opt, sched, info.device)
+        state = load_checkpoint(ckpt, info.device)
+        check_resume_settings(state.get("qat", {}), qat_settings(cfg), ckpt)
+        m.student.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
         start, before, float_metrics = state["epoch"], state["before"], state["float"]
-        if "loader_rng" in state and hasattr(data.train.sampler, "generator"):
-            data.train.sampler.generator.set_state(state["loader_rng"])
+        if state.get("loader_rng") is not None and hasattr(data.train.sampler, "generator"):
+            data.train.sampler.generator.set_state(state["loader_rng"].cpu())
         runlog.truncate(start)
         log(f"resumed from {ckpt} after epoch {start}")
     elif cfg.calib_batches > 0:
@@ -181,17 +217,20 @@ def qat(cfg: QATConfig, resume: bool = False, log=print) -> dict:
     net = DistributedDataParallel(m.student, find_unused_parameters=True) if info.distributed else m.student
     taps = (CrossAttentionTap(m.student), CrossAttentionTap(m.teacher)) if m.teacher is not None else ()
     metrics, t_start = before, time.time()
+    if start >= cfg.epochs:  # resumed after the last epoch (e.g. stopped while finishing): evaluate again
+        metrics = _evaluate(m.student, data, info.device, info.is_main)
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
-        stage = enter_stage(m, cfg, epoch, data, info.device, log)
-        train = train_epoch(net, m, data, opt, cfg, epoch, info.device, taps, runlog, ckpt, info.is_main)
+        stage = enter_stage(m, cfg, epoch, data, info, opt, log)
+        train = train_epoch(net, m, data, opt, cfg, epoch, info, taps, runlog, ckpt)
         sched.step()
-        metrics = _evaluate(m.student, data, info.device, info.is_main)
-        if info.is_main:
+        if info.is_main:  # the finished epoch is saved before the (long) evaluation
             rng = data.train.sampler.generator.get_state() if hasattr(data.train.sampler, "generator") else None
             save_checkpoint(ckpt, model=m.student.state_dict(), optimizer=opt.state_dict(),
                             scheduler=sched.state_dict(), epoch=epoch + 1, before=before, float=float_metrics,
-                            loader_rng=rng)
+                            loader_rng=rng, qat=qat_settings(cfg))
+        metrics = _evaluate(m.student, data, info.device, info.is_main)
+        if info.is_main:
             runlog.epoch({"epoch": epoch, "stage": stage, **{f"train_{k}": v for k, v in train.items()},
                           **metrics, "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)})
             runlog.scalars("val", metrics, epoch)

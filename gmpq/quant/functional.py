@@ -135,7 +135,9 @@ def lsq_fake_quant(x: Tensor, step: Tensor, qmin: int, qmax: int, offset: Tensor
     """
     n = numel_per_step if numel_per_step is not None else (x.numel() // max(step.numel(), 1))
     g = lsq_grad_factor(n, qmax)
-    s = channel_view(grad_scale(step, g), x)
+    # |s| with a floor: an optimizer step can push a small step through zero (x / 0, or a sign flip that freezes
+    # the quantizer); for positive steps this is the identity, gradients included.
+    s = channel_view(grad_scale(step, g).abs().clamp_min(1e-8), x)
     b = None if offset is None else channel_view(grad_scale(offset, g), x)
     v = x / s if b is None else (x - b) / s
     q = round_ste(clamp_inclusive(v, qmin, qmax)) * s

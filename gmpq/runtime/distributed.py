@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 
 import torch
@@ -39,7 +40,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
         return DistInfo(device=torch.device("cuda" if use_cuda else "cpu"))
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # Long timeout: some loops evaluate on rank 0 only (a COCO evaluation can take longer than the default
+        # 10 minutes while the other ranks wait at the next collective).
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=3))
     if use_cuda:
         torch.cuda.set_device(local)
     return DistInfo(rank, world, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
@@ -51,6 +54,22 @@ def shutdown_distributed(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def broadcast_state(module: torch.nn.Module, info: DistInfo) -> None:
+    """Copy rank 0's parameters and buffers to every process (after a step that may differ between ranks)."""
+    if info.distributed:
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, 0)
+
+
+def any_process(flag: bool, info: DistInfo) -> bool:
+    """True when ``flag`` is True on any process (one small all-reduce; the local flag for one process)."""
+    if not info.distributed:
+        return flag
+    t = torch.tensor([float(flag)], device=info.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
