@@ -205,6 +205,7 @@ def qat(cfg: QATConfig, resume: bool = False, log=print) -> dict:
         runlog.truncate(start)
         log(f"resumed from {ckpt} after epoch {start}")
     elif cfg.calib_batches > 0:
+        set_seed(cfg.seed)  # calibration subsamples at random: the same draw whether or not a teacher was built
         calibrate_student(m.student, data.calib, cfg.calib_batches, info.device)
     require_calibrated(m.student)  # QAT never starts from uninitialised LSQ+ steps
     if not resume:
