@@ -37,7 +37,7 @@ def _row(r: dict, label: str) -> str:
             f"{_pct(r['recovery_AP50'])} % | {r['gbops']:.3f} | {r['train_seconds'] / 60:.1f} | `{r['_dir']}` |")
 
 
-HEADER = ("| bits | {what} | AP | AP50 | AP50 before QAT | AP50 / float | GBOPs | train min | run |\n"
+HEADER = ("| bits | {what} | AP | AP50 | AP50 before QAT | AP50 / float | GBOPs | minutes | run |\n"
           "|---|---|---|---|---|---|---|---|---|")
 
 
