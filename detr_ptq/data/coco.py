@@ -78,6 +78,16 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def first(self, n: int) -> CocoDetection:
+        """The first ``n`` images (by id) with the ground truth restricted to them; ``self`` when n <= 0 or
+        n >= len(self)."""
+        if not 0 < n < len(self):
+            return self
+        keep = {im["id"] for im in self.images[:n]}
+        gt = {**self.coco, "images": [im for im in self.coco["images"] if im["id"] in keep],
+              "annotations": [a for a in self.coco["annotations"] if a["image_id"] in keep]}
+        return CocoDetection(self.img_folder, gt, self.transform)
+
     def __getitem__(self, idx: int):
         info = self.images[idx]
         image = load_image(self.img_folder / info["file_name"])

@@ -72,14 +72,8 @@ def eval_loader(coco_dir: str | Path, split: str | None, min_size: int, max_size
                 max_images: int = 0) -> tuple[DataLoader, dict]:
     """-> (loader over the split, COCO ground truth restricted to the images it yields)."""
     ann, img_dir, _ = coco_paths(expand_path(coco_dir), split)
-    dataset = CocoDetection(img_dir, ann, DetrTransform(min_size, max_size))
-    gt = dataset.coco
-    if max_images and max_images < len(dataset):
-        keep = {im["id"] for im in dataset.images[:max_images]}
-        gt = {**gt, "images": [im for im in gt["images"] if im["id"] in keep],
-              "annotations": [a for a in gt["annotations"] if a["image_id"] in keep]}
-        dataset = CocoDetection(img_dir, gt, DetrTransform(min_size, max_size))
-    return DataLoader(dataset, batch_size, shuffle=False, collate_fn=collate), gt
+    dataset = CocoDetection(img_dir, ann, DetrTransform(min_size, max_size)).first(max_images)
+    return DataLoader(dataset, batch_size, shuffle=False, collate_fn=collate), dataset.coco
 
 
 def evaluate_detr(model: nn.Module, postprocessors: dict, loader: DataLoader, gt: dict, device: str = "cpu") -> dict:

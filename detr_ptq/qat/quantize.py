@@ -176,13 +176,18 @@ def calibrate_student(model: nn.Module, batches: Iterable, num_batches: int, dev
                      only=set(only) if only is not None else None)
 
 
+def quantizer_part(quantizer_name: str) -> str:
+    """The part of the layer a quantizer belongs to (``query_embed`` for the query-embedding quantizer)."""
+    layer = quantizer_name.rsplit(".", 1)[0]  # attention operands hang off the attention (``...self_attn.q_quant``)
+    return "query_embed" if layer.startswith("query_quant") else layer_part(layer)
+
+
 def set_parts_enabled(model: nn.Module, enabled: Callable[[str], bool]) -> list[str]:
     """Enable the quantizers whose layer ``enabled(layer_part)`` accepts, disable the rest (two-stage QAT);
     returns the names of the disabled quantizers."""
     disabled = []
     for name, q in quantizers(model).items():
-        layer = name.rsplit(".", 1)[0]  # attention operands hang off the attention module (``...self_attn.q_quant``)
-        q.enabled = enabled("query_embed" if layer.startswith("query_quant") else layer_part(layer))
+        q.enabled = enabled(quantizer_part(name))
         if not q.enabled:
             disabled.append(name)
     return disabled

@@ -61,12 +61,7 @@ def detection_dataset(fmt: str, root: str, split: str, transform, max_images: in
     else:
         ann, img_dir, _ = coco_paths(expand_path(root), split)
         dataset = CocoDetection(img_dir, ann, transform)
-    if 0 < max_images < len(dataset):
-        keep = {im["id"] for im in dataset.images[:max_images]}
-        gt = {**dataset.coco, "images": [im for im in dataset.coco["images"] if im["id"] in keep],
-              "annotations": [a for a in dataset.coco["annotations"] if a["image_id"] in keep]}
-        dataset = CocoDetection(dataset.img_folder, gt, transform)
-    return dataset
+    return dataset.first(max_images)
 
 
 def load_float_detr(path: str, config: str, what: str):

@@ -24,7 +24,7 @@ from detr_ptq.models.checkpoint import save_detr
 from detr_ptq.models.postprocess import PostProcess
 from detr_ptq.qat.config import QATConfig
 from detr_ptq.qat.losses import CrossAttentionTap, distill_term, total_loss
-from detr_ptq.qat.quantize import calibrate_student, init_weight_steps, layer_part, set_parts_enabled
+from detr_ptq.qat.quantize import calibrate_student, init_weight_steps, quantizer_part, set_parts_enabled
 from detr_ptq.qat.setup import Data, Models, build_data, build_models, result_header
 from gmpq.config import save_config
 from gmpq.detection.pycoco import format_metrics
@@ -84,7 +84,7 @@ def enter_stage(m: Models, cfg: QATConfig, epoch: int, data: Data, info: DistInf
         return 1
     set_parts_enabled(m.student, lambda part: True)
     if epoch == cfg.stage1_epochs:
-        later = lambda name: layer_part_of(name) not in STAGE1_PARTS  # noqa: E731
+        later = lambda name: quantizer_part(name) not in STAGE1_PARTS  # noqa: E731
         n = init_weight_steps(m.student, cfg.w_init, later)
         names = [n for n, q in m.student.named_modules() if hasattr(q, "observing") and later(n)]
         calibrate_student(m.student, data.calib, cfg.calib_batches, info.device, only=names)
@@ -107,11 +107,6 @@ def check_resume_settings(saved: dict, now: dict, ckpt: Path) -> None:
     if diffs:
         raise UserError(f"--resume: {str(ckpt)!r} was trained with other settings ({'; '.join(diffs)}); use the "
                         f"same settings or another out_dir")
-
-
-def layer_part_of(quantizer_name: str) -> str:
-    layer = quantizer_name.rsplit(".", 1)[0]
-    return "query_embed" if layer.startswith("query_quant") else layer_part(layer)
 
 
 def _stop_if_not_finite(terms: dict, step: int, ckpt: Path, info: DistInfo) -> None:
