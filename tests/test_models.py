@@ -215,3 +215,28 @@ def _train_small_cnn_on_digits(epochs: int) -> float:
     with torch.no_grad():
         correct = sum((model(x).argmax(1) == y).sum().item() for x, y in test)
     return correct / len(test.dataset)
+
+
+@pytest.mark.shared_data
+def test_imagenet_mobilenetv2_tf_padding_loads_strictly_and_matters(shared_data, one_thread):
+    """The ImageNet MobileNetV2 loads strictly into ``mobilenetv2`` (torchvision names), and its TF 'SAME' padding
+    is what the weights expect: on 64 validation images the padded network beats the symmetric one."""
+    import torchvision
+    from PIL import Image
+    from torchvision import transforms as T
+
+    weights = shared_data / "imagenet" / "mobilenet_v2_imagenet.pth"
+    tf_model = create_model("mobilenetv2", weights=weights).eval()
+    assert set(tf_model.state_dict()) == set(torchvision.models.mobilenet_v2().state_dict())
+    sym = torchvision.models.mobilenet_v2(num_classes=1000).eval()
+    sym.load_state_dict(torch.load(weights, weights_only=True))
+    root = shared_data / "imagenet" / "val_1300"
+    rows = [ln.split() for ln in (root / "labels.txt").read_text().splitlines()][:64]
+    tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
+                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    x = torch.stack([tf(Image.open(root / "images" / f).convert("RGB")) for f, _ in rows])
+    y = torch.tensor([int(c) for _, c in rows])
+    with torch.no_grad():
+        acc_tf = (tf_model(x).argmax(1) == y).float().mean().item()
+        acc_sym = (sym(x).argmax(1) == y).float().mean().item()
+    assert acc_tf > acc_sym
