@@ -12,4 +12,4 @@ test: setup
 lint:
 	$(BIN)/ruff check gmpq detr_ptq tests benchmarks
 bench:
-	$(BIN)/python benchmarks/bench_quant.py
+	$(BIN)/python benchmarks/bench_all.py

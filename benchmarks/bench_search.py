@@ -40,11 +40,12 @@ def _build(variant: str, model_name: str, device, x, y):
     from gmpq.quant import apply_policy, calibrate, uniform_policy
     from gmpq.quant.cost import measure_macs
     from gmpq.quant.modules import quantizable_layers
+    from gmpq.runtime.terms import weighted_total
     from gmpq.search import losses as L
     from gmpq.search.config import LossConfig, SearchConfig
     from gmpq.search.export import fixed_bops
     from gmpq.search.hypernet import build_hypernet, calibrate_hypernet, mixed_layers
-    from gmpq.search.runtime import freeze
+    from gmpq.search.setup import freeze
     from gmpq.search.train import SearchState, build_optimizer, compute_losses
 
     spec = model_spec(model_name)
@@ -77,13 +78,13 @@ def _build(variant: str, model_name: str, device, x, y):
                     fixed_bops=fixed_bops(list(quantizable_layers(teacher)), list(mixed_layers(model)), macs),
                     layer=spec.feature_layer, fc_student=model.get_submodule(spec.classifier) if fast else None,
                     fc_teacher=teacher.get_submodule(spec.classifier) if fast else None)
-    opt, _ = build_optimizer(model, cfg)
+    opt = build_optimizer(model, cfg)
     weights = L.loss_weights(cfg.loss.zeta, cfg.loss.eta)
 
     def step():
         terms, _ = compute_losses(s, x, y)
         opt.zero_grad(set_to_none=True)
-        L.weighted_total(terms, weights).backward()
+        weighted_total(terms, weights).backward()
         opt.step()
     return step
 

@@ -100,7 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default=None)
     p.add_argument("--policy", default=None, help="policy JSON (omit for uniform --w-bits)")
     p.add_argument("--w-bits", type=int, default=None, help="uniform weight bits when no policy is given")
-    p.add_argument("--out", default=None, help="metrics JSON path")
+    p.add_argument("--out", default=None, help="metrics JSON path (default runs/ptq/<policy stem>.ptq_result.json; "
+                   "never a policy file)")
     p.set_defaults(func=cmd_ptq)
 
     p = sub.add_parser("reproduce-table", help="the paper's Table 1: float, uniform 8/6/5/4, three metrics x "

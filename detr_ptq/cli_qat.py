@@ -32,8 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default=None, help="a gmpq-policy/1 file giving the bits per layer (default: the "
                                                   "uniform w_bits/a_bits/attn_bits settings)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set bits=4-4-8 --set fqm=true --set epochs=3")
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pth")
+                   help="override a config field, e.g. --set bits=4-4-8 --set fqm=true --set epochs=3 "
+                        "--set out_dir=runs/qat/x")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt (a finished run "
+                                                         "re-derives final.pth, result.json and policy.json)")
     p.set_defaults(func=run)
     register_report(sub)
 

@@ -20,6 +20,7 @@ import yaml
 
 from gmpq.errors import UserError
 from gmpq.io import atomic_write_text
+from gmpq.runtime.settings import RENAMED
 
 T = TypeVar("T")
 
@@ -91,6 +92,9 @@ def _type_name(tp: Any) -> str:
 def _build(cls: type[T], values: dict, source: str, prefix: str = "") -> T:
     fields = _field_types(cls)
     unknown = sorted(set(values) - set(fields))
+    renamed = [f"{prefix}{k} -> {RENAMED[prefix + k]}" for k in unknown if prefix + k in RENAMED]
+    if renamed:
+        raise UserError(f"{source}: renamed setting(s), one name for every stage now: {'; '.join(renamed)}")
     if unknown:
         raise UserError(
             f"{source}: unknown key(s) {[prefix + k for k in unknown]}; accepted keys: "
@@ -107,9 +111,11 @@ def _build(cls: type[T], values: dict, source: str, prefix: str = "") -> T:
         else:
             kwargs[name] = _coerce(values[name], tp, prefix + name, source)
     try:
-        return dataclasses.replace(base, **kwargs)
+        cfg = dataclasses.replace(base, **kwargs)
     except (ValueError, TypeError) as e:  # __post_init__ validation
         raise UserError(f"{source}: {e}") from None
+    _check_ranges(cfg, source, prefix)
+    return cfg
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -138,12 +144,26 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice; keep one",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_recipe(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"recipe {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise UserError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -173,3 +193,75 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically) so a run can be reproduced from its outputs."""
     plain = json.loads(json.dumps(config_to_dict(cfg)))  # tuples -> lists, so safe_dump accepts them
     return atomic_write_text(path, yaml.safe_dump(plain, sort_keys=False))
+
+
+# ---- Numeric ranges of settings -------------------------------------------------------------------------------
+# One table for every config class, keyed by the setting's name (the last part of a dotted key); a key
+# ``"ClassName.name"`` overrides the generic entry for one class. Each entry is (low, high, low_inclusive,
+# high_inclusive); None = unbounded. ``None`` values (settings that are optional) are not checked.
+# Checked when a config is loaded (``load_config``), so every verb inherits it.
+_POS = (0, None, False, False)  # > 0
+_NONNEG = (0, None, True, False)  # >= 0
+_ONE_UP = (1, None, True, False)  # >= 1
+_UNIT = (0, 1, True, False)  # [0, 1)
+SETTING_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    # learning rates and step sizes
+    **{k: _POS for k in ("lr", "arch_lr", "pretrain_lr", "lr_backbone", "backbone_pretrain_lr", "temperature",
+                         "gamma", "target_gbops", "grad_clip")},
+    # counts of epochs, images, steps, batches (0 allowed where 0 means "none" or "all")
+    **{k: _NONNEG for k in ("epochs", "pretrain_epochs", "backbone_pretrain_epochs", "warmup_iters", "num_workers",
+                            "max_images", "tol", "weight_decay", "zeta", "eta", "lambda_kl", "clip_max_norm",
+                            "max_size_mb", "max_gbops", "min_size", "max_size", "lr_drop")},
+    **{k: _ONE_UP for k in ("batch_size", "eval_batch_size", "train_subset", "test_subset", "image_size",
+                            "max_train_images", "max_test_images", "max_steps_per_epoch", "calib_batches",
+                            "num_images", "max_probes", "min_probes", "pool", "topk", "eval_every",
+                            "checkpoint_every", "threads", "num_threads", "backbone_pretrain_crop",
+                            "num_classes", "input_size")},
+    "trainable_layers": _NONNEG,
+    "momentum": _UNIT,
+    "dropout": _UNIT,
+    "fixed_p": _POS,
+    "weight": _NONNEG,
+    # detection configs resize with these sizes (0 is not "the default" there)
+    "DetectorConfig.min_size": _ONE_UP,
+    "DetectorConfig.max_size": _ONE_UP,
+    "target_bits": (2, 8, True, True),
+    "targets": (2, 8, True, True),
+}
+
+
+def _range_text(r: tuple) -> str:
+    lo, hi, lo_in, hi_in = r
+    if hi is None:
+        return f"{'>=' if lo_in else '>'} {lo}"
+    return f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+
+
+def _in_range(v: float, r: tuple) -> bool:
+    lo, hi, lo_in, hi_in = r
+    if v != v:  # NaN
+        return False
+    ok_lo = lo is None or (v >= lo if lo_in else v > lo)
+    ok_hi = hi is None or (v <= hi if hi_in else v < hi)
+    return ok_lo and ok_hi
+
+
+def _check_ranges(cfg: Any, source: str, prefix: str) -> None:
+    """Raise one ``UserError`` naming every setting of ``cfg`` (not nested) outside its accepted range."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        r = SETTING_RANGES.get(f"{type(cfg).__name__}.{f.name}", SETTING_RANGES.get(f.name))
+        value = getattr(cfg, f.name)
+        if r is None or value is None or isinstance(value, bool):
+            continue
+        items = value if isinstance(value, (list, tuple)) else [value]
+        bad = [v for v in items if isinstance(v, (int, float)) and not _in_range(v, r)]
+        if bad:
+            problems.append(f"{prefix}{f.name}={value!r} is out of range; accepted: {_range_text(r)}")
+    cands = getattr(cfg, "candidate_bits", None)
+    target = getattr(cfg, "target_bits", None)
+    if cands and isinstance(target, (int, float)) and not min(cands) <= target <= max(cands):
+        problems.append(f"{prefix}target_bits={target} is outside the candidate bits {list(cands)}; accepted: "
+                        f"[{min(cands)}, {max(cands)}] (an average of the candidates)")
+    if problems:
+        raise UserError(f"{source}: " + "; ".join(problems))

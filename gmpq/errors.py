@@ -7,3 +7,8 @@ class UserError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or inf; the message names the term, the step and the last good checkpoint."""
+
+
+class InputWarning(UserWarning):
+    """Something the user should know about an input or a result (a policy override, AP 0 from mismatched category
+    ids...). The CLI prints it as ``PROG: warning: MESSAGE``; tests catch it with ``pytest.warns``."""

@@ -1,59 +1,68 @@
 #!/usr/bin/env bash
-# The issue-4 experiment, end to end, with the CLI verbs a user would type:
-#   search on a small CIFAR-10 subset (GMPQ and EdMIPS, same BOPs budget), deploy every policy on the whole
-#   lossless subset (5,085 train images) with the same fine-tuning budget, evaluate on the 1,017 lossless test
-#   images and on the 10,000 JPEG test images, and compare with uniform 4/3-bit, a random policy and float.
+# ResNet-20 on CIFAR-10, end to end, with the CLI verbs a user would type: search on a small CIFAR-10 subset
+# (GMPQ at the measured default eta, and EdMIPS = eta 0) in target mode at the uniform-W3A3 BOPs budget, derive the
+# budget-exact policy of each search (gmpq policy derive: same BOPs for every method), deploy every policy on the
+# whole lossless subset (5,085 train images) with the same fine-tuning budget, evaluate on the 1,017 lossless test
+# images and on the 10,000 JPEG test images, measure the Attribution Rank Distance to the float model, and compare
+# with uniform W3A3 / W4A4, a random policy at the same BOPs, and float. SEEDS seeds per method.
 #
 #   bash scripts/compare_resnet20_cifar10.sh [OUT]
 #
-# Knobs (environment): SEARCH_SUBSET (1000), SEARCH_EPOCHS (4), FT_EPOCHS (8; the paper uses 40), SEED (0).
-# The BOPs budget of every search is that of uniform W3A3. GMPQ is searched at eta = 1 (the recipe) and at
-# eta = 100, which makes the attribution term comparable in size to the cross-entropy for this model.
+# Knobs (environment): SEEDS ("0 1 2"), SEARCH_SUBSET (1000), SEARCH_EPOCHS (4), FT_EPOCHS (8; the paper uses 40).
+# Each stage is skipped when its output exists (rerun to continue).
 set -euo pipefail
 OUT=${1:-runs/compare_resnet20_cifar10}
 export GMPQ_DATA=${GMPQ_DATA:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data}
+SEEDS=${SEEDS:-"0 1 2"}
 SEARCH_SUBSET=${SEARCH_SUBSET:-1000}
 SEARCH_EPOCHS=${SEARCH_EPOCHS:-4}
 FT_EPOCHS=${FT_EPOCHS:-8}
-SEED=${SEED:-0}
 GMPQ=${GMPQ:-gmpq}
 W="$GMPQ_DATA/cifar_resnets/resnet20-12fca82f.th"
+DATA="cifar10_npz:$GMPQ_DATA/cifar10"
 mkdir -p "$OUT/policies"
 
 # 1. Baseline policies (first conv and classifier stay full precision everywhere, as in the search).
 $GMPQ policy uniform --model resnet20 --w-bits 4 --a-bits 4 --out "$OUT/policies/uniform4.json"
 $GMPQ policy uniform --model resnet20 --w-bits 3 --a-bits 3 --out "$OUT/policies/uniform3.json"
 BUDGET=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['summary']['bops_g'])" "$OUT/policies/uniform3.json")
-echo "BOPs budget: $BUDGET G per image (uniform W3A3)"
+echo "BOPs budget: $BUDGET G per image, whole model (uniform W3A3)"
 
-# 2. Searches on SEARCH_SUBSET training images, with the same BOPs budget (penalty only above it).
-for method in gmpq gmpq_eta100 edmips; do
-  recipe=recipes/resnet20_cifar10.yaml; [ "$method" = edmips ] && recipe=recipes/resnet20_cifar10_edmips.yaml
-  eta=(); [ "$method" = gmpq_eta100 ] && eta=(--set loss.eta=100)
-  if [ ! -f "$OUT/search_$method/policy.json" ] || [ ! -f "$OUT/search_$method/done" ]; then
-    $GMPQ search --recipe "$recipe" --set out_dir="$OUT/search_$method" --set epochs="$SEARCH_EPOCHS" \
-      --set data.train_subset="$SEARCH_SUBSET" --set seed="$SEED" --set progress=false \
-      --set loss.complexity_mode=target --set loss.target_gbops="$BUDGET" "${eta[@]}"
-    touch "$OUT/search_$method/done"
-  fi
-  cp "$OUT/search_$method/policy.json" "$OUT/policies/$method.json"
-done
-
-# 3. A random policy at the GMPQ policy's BOPs.
-GMPQ_BOPS=$(python3 -c "import json,sys; s=json.load(open(sys.argv[1]))['summary']; print(s.get('bops_g') or s['final_bops']/1e9)" "$OUT/policies/gmpq.json")
-$GMPQ policy random --model resnet20 --bops "$GMPQ_BOPS" --seed "$SEED" --candidates 2 3 4 --out "$OUT/policies/random.json"
-
-# 4. Same fine-tuning budget for every policy; evaluate on both test sets.
-for name in gmpq_eta100 gmpq edmips uniform4 uniform3 random; do
-  if [ ! -f "$OUT/ft_$name/result.json" ]; then
-    resume=""; [ -f "$OUT/ft_$name/checkpoint.pt" ] && resume="--resume"
-    $GMPQ finetune --policy "$OUT/policies/$name.json" --model resnet20 --weights "$W" --data cifar10_npz \
-      --also cifar10_jpeg --epochs "$FT_EPOCHS" --out "$OUT/ft_$name" --set seed="$SEED" --set progress=false \
-      --set data.batch_size=128 $resume
-  fi
+names=()
+for SEED in $SEEDS; do
+  # 2. Searches on SEARCH_SUBSET training images (penalty only above the budget), then the budget-exact policy.
+  for method in gmpq edmips; do
+    recipe=recipes/resnet20_cifar10.yaml; [ "$method" = edmips ] && recipe=recipes/resnet20_cifar10_edmips.yaml
+    run="$OUT/search_${method}_seed$SEED"
+    if [ ! -f "$run/done" ]; then
+      resume=""; [ -f "$run/checkpoint.pt" ] && resume="--resume"
+      $GMPQ search --recipe "$recipe" --set out_dir="$run" --set epochs="$SEARCH_EPOCHS" \
+        --set data.train_subset="$SEARCH_SUBSET" --set seed="$SEED" --set data.seed="$SEED" --set progress=false \
+        --set loss.complexity_mode=target --set loss.target_gbops="$BUDGET" $resume
+      touch "$run/done"
+    fi
+    $GMPQ policy derive --search "$run" --gbops "$BUDGET" --min-fraction 0.98 --out "$OUT/policies/${method}_seed$SEED.json"
+  done
+  # 3. A random policy at the same BOPs.
+  $GMPQ policy random --model resnet20 --bops "$BUDGET" --seed "$SEED" --candidates 2 3 4 \
+    --out "$OUT/policies/random_seed$SEED.json"
+  cp "$OUT/policies/uniform3.json" "$OUT/policies/uniform3_seed$SEED.json"
+  cp "$OUT/policies/uniform4.json" "$OUT/policies/uniform4_seed$SEED.json"
+  # 4. Same fine-tuning budget for every policy; evaluate on both test sets; ARD against the float model.
+  for name in gmpq edmips random uniform3 uniform4; do
+    ft="$OUT/ft_${name}_seed$SEED"
+    names+=("$ft/result.json")
+    if [ ! -f "$ft/result.json" ]; then
+      resume=""; [ -f "$ft/checkpoint.pt" ] && resume="--resume"
+      $GMPQ finetune --policy "$OUT/policies/${name}_seed$SEED.json" --model resnet20 --weights "$W" \
+        --data cifar10_npz --also cifar10_jpeg --epochs "$FT_EPOCHS" --out "$ft" --set seed="$SEED" \
+        --set progress=false --set data.batch_size=128 $resume
+    fi
+    [ -f "$ft/attribution/attribution.json" ] || $GMPQ attribution --model resnet20 --weights "$W" \
+      --quant-weights "$ft/model_final.pt" --data "$DATA" --images 1017 --out "$ft/attribution"
+  done
 done
 $GMPQ evaluate --model resnet20 --weights "$W" --data cifar10_npz --also cifar10_jpeg --out "$OUT/float/result.json"
 
-# 5. One table and one plot.
-$GMPQ report "$OUT"/ft_{gmpq_eta100,gmpq,edmips,random,uniform3,uniform4}/result.json "$OUT/float/result.json" \
-  --out "$OUT/report" --extra top1_before_finetune top1_cifar10_jpeg
+# 5. One table and one plot (per run; the mean and spread over seeds are computed from these rows).
+$GMPQ report "${names[@]}" "$OUT/float/result.json" --out "$OUT/report" --extra top1_before_finetune top1_cifar10_jpeg

@@ -64,6 +64,43 @@ def test_wrong_types_and_validation():
         parse_overrides(["epochs"])
 
 
+@dataclasses.dataclass
+class Alloc:
+    target_bits: float = 4.0
+    candidate_bits: list[int] = dataclasses.field(default_factory=list)
+    batch_size: int = 8
+    max_images: int = 0
+    grad_clip: float | None = None
+
+
+@dataclasses.dataclass
+class Run:
+    lr: float = 1e-3
+    alloc: Alloc = dataclasses.field(default_factory=Alloc)
+
+
+def test_numeric_ranges_name_the_key_the_source_and_the_range(tmp_path):
+    """One table (gmpq.config.SETTING_RANGES) keyed by setting name serves every config class, nested ones too."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: -0.001\n")
+    with pytest.raises(UserError, match=r"recipe '.*r\.yaml': lr=-0\.001 is out of range; accepted: > 0"):
+        load_config(Run, recipe)
+    pattern = r"--set alloc.batch_size=0: alloc.batch_size=0 is out of range; accepted: >= 1"
+    with pytest.raises(UserError, match=pattern):
+        load_config(Run, None, ["alloc.batch_size=0"])
+    with pytest.raises(UserError, match=r"alloc.max_images=-3 is out of range; accepted: >= 0"):
+        load_config(Run, None, ["alloc.max_images=-3"])
+    with pytest.raises(UserError, match=r"alloc.target_bits=9.0 is out of range; accepted: \[2, 8\]"):
+        load_config(Run, None, ["alloc.target_bits=9"])
+    with pytest.raises(UserError, match=r"target_bits=6.5 is outside the candidate bits \[3, 4, 5, 6\]"):
+        load_config(Run, None, ["alloc.target_bits=6.5", "alloc.candidate_bits=[3,4,5,6]"])
+    with pytest.raises(UserError, match=r"lr=nan is out of range"):
+        load_config(Run, None, ["lr=.nan"])
+    # at the bounds, and None for an optional setting, are accepted
+    cfg = load_config(Run, None, ["alloc.max_images=0", "alloc.target_bits=6", "alloc.candidate_bits=[3,4,5,6]"])
+    assert cfg.alloc.max_images == 0 and cfg.alloc.grad_clip is None and cfg.alloc.target_bits == 6.0
+
+
 def test_missing_and_bad_recipe(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_config(Cfg, tmp_path / "nope.yaml")
@@ -103,18 +140,17 @@ def test_atomic_writes_use_normal_permissions(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.pt"]  # no temporary files left
 
 
-def test_run_log_keeps_old_epochs_only_on_resume(tmp_path):
+def test_run_log_rewrites_the_whole_file_from_its_records(tmp_path):
     import json
 
     from gmpq.runtime import RunLog
 
     old = RunLog(tmp_path, tensorboard=False)
     for e in range(3):
-        old.epoch({"epoch": e})
+        old.epoch({"epoch": e + 1})
     fresh = RunLog(tmp_path, tensorboard=False)  # a new run into the same folder: no stale epochs
-    fresh.epoch({"epoch": 0, "new": True})
-    assert [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [{"epoch": 0, "new": True}]
-    resumed = RunLog(tmp_path, tensorboard=False, resume=True)
-    resumed.truncate(1)
-    resumed.epoch({"epoch": 1})
-    assert [json.loads(x)["epoch"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [0, 1]
+    fresh.epoch({"epoch": 1, "new": True})
+    assert [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [{"epoch": 1, "new": True}]
+    resumed = RunLog(tmp_path, tensorboard=False, lines=[{"epoch": 1}])  # records come from the checkpoint
+    resumed.epoch({"epoch": 2})
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]

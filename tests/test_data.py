@@ -279,6 +279,78 @@ def test_imagefolder_errors(tmp_path):
     assert ".png" in str(e.value)
 
 
+def _write_gray(folder, classes, per_class: int = 2) -> None:
+    rng = np.random.default_rng(1)
+    for c in classes:
+        (folder / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (20, 24), dtype=np.uint8), "L").save(folder / c / f"{i}.png")
+
+
+def test_imagefolder_channels_grayscale_and_conversions(tmp_path):
+    """Grayscale images stay 1 channel (normalized with the mean ImageNet statistics); channels=3 replicates the
+    gray level on three channels; channels=1 turns RGB images into PIL's luma."""
+    for split in ("train", "val"):
+        _write_gray(tmp_path / "gray" / split, ["a", "b"])
+        _write_images(tmp_path / "rgb" / split, ["a", "b"])
+    gray = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "gray"), image_size=16), "test")
+    assert gray.channels == 1
+    x, _ = gray[0]
+    raw = torch.from_numpy(np.asarray(Image.open(tmp_path / "gray" / "val" / "a" / "0.png"), dtype=np.float32))
+    assert x.shape == (1, 16, 16)
+    mean, std = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3
+    pixels = x * std + mean  # back to [0, 1]: the resized gray image
+    assert 0 <= pixels.min() and pixels.max() <= 1 and abs(pixels.mean() - raw.mean() / 255) < 0.02
+    as_rgb = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "gray"), image_size=16, channels=3),
+                           "test")[0][0]
+    back = [as_rgb[c] * IMAGENET_STD[c] + IMAGENET_MEAN[c] for c in range(3)]
+    assert torch.allclose(back[0], pixels[0], atol=1e-5) and torch.allclose(back[2], pixels[0], atol=1e-5)
+    rgb = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "rgb"), image_size=16), "test")
+    assert rgb.channels == 3 and rgb[0][0].shape == (3, 16, 16)
+    as_gray = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "rgb"), image_size=16, channels=1),
+                            "test")
+    assert as_gray[0][0].shape == (1, 16, 16)
+    with pytest.raises(UserError, match=r"dataset 'digits': data.channels=3 is not supported; its images have 1"):
+        build_dataset(DataConfig(name="digits", channels=3), "test")
+    with pytest.raises(UserError, match=r"data.channels=2 is not supported; accepted: 1, 3"):
+        DataConfig(channels=2)
+
+
+def test_imagefolder_corrupt_image_is_named(tmp_path):
+    for split in ("train", "val"):
+        _write_images(tmp_path / split, ["a", "b"])
+    (tmp_path / "val" / "b" / "9.png").write_bytes(b"\x89PNG truncated")
+    ds = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path), image_size=16), "test")
+    with pytest.raises(UserError, match=r"image '.*val/b/9\.png' cannot be decoded"):
+        [ds[i] for i in range(len(ds))]
+
+
+def test_labels_out_of_range_and_one_class_are_refused(tmp_path):
+    x = np.zeros((6, 32, 32, 3), dtype=np.uint8)
+    y = np.array([0, 1, 2, 3, 10, -1])
+    np.savez(tmp_path / "bad.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    with pytest.raises(UserError, match=r"dataset 'cifar10_npz' at '.*bad\.npz' \(train split\) has 2 label\(s\) "
+                                        r"outside 0\.\.9 .*\[-1, 10\]"):
+        build_dataset(DataConfig(name="cifar10_npz", root=str(tmp_path / "bad.npz")), "train")
+    np.savez(tmp_path / "one.npz", x_train=x, y_train=np.zeros(6), x_test=x, y_test=np.zeros(6),
+             classes=np.array(["cat"]))
+    with pytest.raises(UserError, match=r"has 1 class\(es\) \['cat'\]; a classifier needs at least 2"):
+        build_dataset(DataConfig(name="cifar10_npz", root=str(tmp_path / "one.npz")), "test")
+
+
+def test_dataset_must_fit_the_model():
+    from gmpq.data import check_dataset_for_model
+    from gmpq.models import model_spec
+
+    digits = build_dataset(DataConfig(name="digits"), "test")
+    check_dataset_for_model(digits, model_spec("small_cnn"), None, "digits")  # fits: no error
+    with pytest.raises(UserError) as e:
+        check_dataset_for_model(digits, model_spec("resnet20"), 100, "--data 'digits'")
+    msg = str(e.value)
+    assert "--data 'digits' does not fit the model" in msg
+    assert "1 channel(s) but model 'resnet20' takes 3" in msg and "10 classes but the model has 100 outputs" in msg
+
+
 # ----- config errors -----
 
 

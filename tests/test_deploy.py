@@ -83,7 +83,7 @@ def test_resume_keeps_finished_epochs(tmp_path, digits_float):
     assert state["epoch"] == 1
     ft.finetune(cfg(tmp_path, digits_float, pol, max_steps_per_epoch=3, epochs=2), resume=True)
     lines = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert [x["epoch"] for x in lines] == [0, 1]
+    assert [x["epoch"] for x in lines] == [1, 2]
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["epoch"] == 2
 
 
@@ -100,7 +100,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, digits_float, monkeypatch
         return terms
 
     monkeypatch.setattr(ft, "loss_terms", poisoned)
-    with pytest.raises(NonFiniteLossError, match=r"ce=nan.*last good checkpoint is kept"):
+    with pytest.raises(NonFiniteLossError, match=r"ce=nan.*last good checkpoint .* is kept"):
         ft.finetune(cfg(tmp_path, digits_float, pol, max_steps_per_epoch=3, epochs=2))
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["epoch"] == 1
 

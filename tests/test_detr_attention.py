@@ -60,10 +60,11 @@ class _Record(nn.Module):
 
     def __init__(self, scale: float = 1.0) -> None:
         super().__init__()
-        self.scale, self.shapes = scale, []
+        self.scale, self.shapes, self.seen = scale, [], []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.shapes.append(tuple(x.shape))
+        self.seen.append(x)
         return x * self.scale
 
 
@@ -74,10 +75,12 @@ def test_hooks_see_every_quantizable_value():
     hooks = {n: _Record() for n in HOOK_NAMES}
     for n, h in hooks.items():
         setattr(ours, n, h)
-    q, kv = torch.randn(5, 2, 16), torch.randn(7, 2, 16)
-    ours(q, kv, kv)
+    q, k, v = torch.randn(5, 2, 16), torch.randn(7, 2, 16), torch.randn(7, 2, 16)
+    ours(q, k, v)
     assert hooks["w_quant"].shapes == [(48, 16)]
-    assert hooks["a_quant"].shapes == [(5, 2, 16), (7, 2, 16), (7, 2, 16)]
+    # Each input has its own quantizer (the three different tensors of a DETR cross-attention).
+    for name, x in (("q_in_quant", q), ("k_in_quant", k), ("v_in_quant", v)):
+        assert len(hooks[name].seen) == 1 and hooks[name].seen[0] is x
     assert hooks["q_quant"].shapes == [(2, 4, 5, 4)]
     assert hooks["k_quant"].shapes == [(2, 4, 7, 4)] and hooks["v_quant"].shapes == [(2, 4, 7, 4)]
     assert hooks["attn_quant"].shapes == [(2, 4, 5, 7)]

@@ -1,4 +1,5 @@
-"""COCO evaluation on real data, the eval/train verbs end to end, and the committed reference detector."""
+"""COCO evaluation on real data, the eval verb end to end, and the committed reference detector (training, resume and
+the NaN stop: tests/test_stages_detr.py)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,10 @@ from detr_ptq.data.digits_coco import DigitsConfig, make_split
 from detr_ptq.data.transforms import DetrTransform, collate
 from detr_ptq.engine.evaluate import to_coco_detections
 from detr_ptq.engine.pretrain_backbone import object_crops
-from detr_ptq.engine.train import TrainConfig, _check_finite, train
 from detr_ptq.models import build_detr, get_preset
 from detr_ptq.models.checkpoint import save_detr
 from detr_ptq.models.postprocess import PostProcess
 from gmpq.detection.pycoco import coco_evaluate
-from gmpq.errors import NonFiniteLossError
 
 ASSET = Path(__file__).resolve().parent.parent / "detr_ptq" / "assets" / "detr_tiny_digits.pth"
 REFERENCE_SEED, REFERENCE_VAL_IMAGES = 0, 500
@@ -73,27 +72,6 @@ def test_eval_verb_writes_json(tmp_path, capsys):
     assert "missing keys" in capsys.readouterr().err
 
 
-def test_train_checkpoints_and_resumes(tmp_path):
-    data = tmp_path / "digits"
-    make_split(data, "train", 16, seed=0, cfg=DigitsConfig())
-    make_split(data, "val", 4, seed=0, cfg=DigitsConfig())
-    cfg = TrainConfig(data_dir=str(data), out_dir=str(tmp_path / "run"), epochs=1, batch_size=8, min_size=96,
-                      max_size=96, eval_every=1, progress=False, lr=2e-4, lr_backbone=2e-4,
-                      backbone_pretrain_epochs=1)
-    train(cfg)
-    assert json.loads((tmp_path / "run" / "backbone_pretrain.json").read_text())["crops"] > 16
-    first = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=False)
-    assert first["epoch"] == 0
-    cfg.epochs = 2
-    metrics = train(cfg, resume=True)
-    state = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=False)
-    assert state["epoch"] == 1 and [r["epoch"] for r in state["history"]] == [0, 1]
-    assert not torch.equal(state["model"]["query_embed.weight"], first["model"]["query_embed.weight"])
-    assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
-    assert (tmp_path / "run" / "final.pth").is_file() and (tmp_path / "run" / "config.yaml").is_file()
-    assert any((tmp_path / "run" / "tb").iterdir())
-
-
 def test_object_crops_are_centred_on_the_boxes(tmp_path):
     coco = make_split(tmp_path, "train", 3, seed=5, cfg=DigitsConfig())
     ds = CocoDetection(tmp_path / "train", coco, DetrTransform(96, 96))
@@ -107,12 +85,6 @@ def test_object_crops_are_centred_on_the_boxes(tmp_path):
     x0 = int(min(max(round(x + w / 2 - 28), 0), 96 - 56))
     y0 = int(min(max(round(y + h / 2 - 28), 0), 96 - 56))
     assert torch.equal(crops[0], image[y0:y0 + 56, x0:x0 + 56].permute(2, 0, 1))
-
-
-def test_non_finite_loss_names_the_term():
-    with pytest.raises(NonFiniteLossError, match=r"loss term 'loss_giou' is nan at epoch 2 step 7; last good"):
-        _check_finite({"loss_ce": torch.tensor(1.0), "loss_giou": torch.tensor(float("nan"))}, 2, 7,
-                      Path("run/checkpoint.pth"))
 
 
 @pytest.mark.slow

@@ -7,9 +7,10 @@ import itertools
 import pytest
 import torch
 
-from detr_ptq.models.criterion import SetCriterion, make_weight_dict, weighted_total
+from detr_ptq.models.criterion import SetCriterion, make_weight_dict
 from detr_ptq.models.matcher import HungarianMatcher, match_cost
 from detr_ptq.models.postprocess import PostProcess
+from gmpq.runtime.terms import weighted_total
 
 
 def _random_case(gen: torch.Generator, q: int, n: int, k: int = 5):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from detr_ptq.ptq.allocate import AllocateConfig, allocate, clean_traces, default_candidates
+from detr_ptq.ptq.allocate import AllocateConfig, allocate, allocation_noise, clean_traces, default_candidates
 from detr_ptq.ptq.ilp import brute_force, solve_bit_allocation
 from gmpq.errors import UserError
 from gmpq.quant.functional import symmetric_fake_quant
@@ -109,5 +109,68 @@ def test_allocate_writes_a_covering_policy_with_omega_from_eq6():
     w = net.fc.weight.detach()
     expect = 50.0 / w.numel() * float((symmetric_fake_quant(w, 3) - symmetric_fake_quant(w, 8)).pow(2).sum())
     assert policy["layers"]["fc"]["omega"]["3"] == pytest.approx(expect, rel=1e-6)
+    assert policy["layers"]["fc"]["stderr"] == 0.1 and policy["summary"]["noise"]["draws"] == 20
     with pytest.raises(UserError, match="no metric 'loss'"):
         allocate(net, sens, AllocateConfig(metric="loss"), "net")
+
+
+def dp_bit_allocation(omega: np.ndarray, params: np.ndarray, bits, target: float) -> float:
+    """Independent exact reference: a dynamic program over the integer budget sum params * (bits - min bits)
+    (params are integers here), minimum objective over every allocation with average bits <= target."""
+    params = np.asarray(params, dtype=np.int64)
+    bits = np.asarray(bits, dtype=np.int64)
+    cap = int(np.floor(target * params.sum() + 1e-9)) - int(bits.min() * params.sum())
+    best = np.full(cap + 1, np.inf)
+    best[0] = 0.0
+    for row, n in zip(omega, params):
+        new = np.full(cap + 1, np.inf)
+        for cost, b in zip(row, bits):
+            w = int(n * (b - bits.min()))
+            if w <= cap:
+                new[w:] = np.minimum(new[w:], best[:cap + 1 - w] + cost)
+        best = new
+    return float(best.min())
+
+
+def _wide_problem(seed: int, layers: int, decades: float = 8.0):
+    """Integer parameter counts, Omega ~ n 4^-b times sensitivities spread over ``decades`` orders of magnitude
+    (the regime where an ILP scaled by the largest Omega stopped early: 6 of 20 such 100-layer instances)."""
+    rng = np.random.default_rng(seed)
+    params = rng.integers(1, 60, layers)
+    bits = np.asarray([3, 4, 5, 6])
+    err = params[:, None] * 4.0 ** -(bits[None, :] - 3) * rng.uniform(0.5, 2.0, (layers, 1))
+    return err * 10 ** rng.uniform(-decades, 0, (layers, 1)), params, [3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ilp_exact_against_brute_force_when_omega_spans_eight_decades(seed):
+    omega, params, bits = _wide_problem(100 + seed, layers=6)
+    for target in (3.5, 4.0, 4.5):
+        sol = solve_bit_allocation(omega, params.astype(float), bits, target)
+        best, _ = brute_force(omega, params.astype(float), bits, target)
+        assert sol["objective"] == pytest.approx(best, rel=1e-12)
+        assert dp_bit_allocation(omega, params, bits, target) == pytest.approx(best, rel=1e-12)  # the DP is right
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ilp_exact_against_dynamic_program_at_100_layers(seed):
+    omega, params, bits = _wide_problem(seed, layers=100)
+    target = (3.5, 4.0, 4.5, 5.0)[seed]
+    sol = solve_bit_allocation(omega, params.astype(float), bits, target)
+    assert sol["objective"] == pytest.approx(dp_bit_allocation(omega, params, bits, target), rel=1e-9)
+    assert (params * np.asarray(sol["bits"])).sum() <= target * params.sum() + 1e-9
+
+
+def test_allocation_noise_flags_decisions_within_the_standard_error():
+    """A toy allocation (3 bits below a trace of 1, else 6): a layer at 0.99 +- 0.1 flips in P(Z > 0.1) = 46% of
+    the draws; layers far from the threshold, or without noise, never do."""
+    def solve(t):
+        return [3 if x < 1.0 else 6 for x in t]
+
+    traces, names = np.array([0.5, 0.99, 2.0]), ["a", "b", "c"]
+    quiet = allocation_noise(solve, traces, np.zeros(3), solve(traces), names, 50, 0, "clamp")
+    assert quiet["same_allocation"] == 1.0 and quiet["layers_changed"] == {}
+    noisy = allocation_noise(solve, traces, np.array([0.01, 0.1, 0.01]), solve(traces), names, 400, 0, "clamp")
+    assert set(noisy["layers_changed"]) == {"b"}
+    assert abs(noisy["layers_changed"]["b"] - 0.46) < 5 * (0.46 * 0.54 / 400) ** 0.5
+    assert noisy["same_allocation"] == pytest.approx(1 - noisy["layers_changed"]["b"])

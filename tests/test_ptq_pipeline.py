@@ -71,6 +71,7 @@ def test_cli_sensitivity_allocate_ptq(digits, random_ckpt, tmp_path, capsys):
     out = tmp_path / "sens"
     rc = main(["sensitivity", "--checkpoint", str(random_ckpt), "--calib-dir", str(digits), "--num-images", "8",
                "--probes", "4", "--out-dir", str(out), "--set", "hutchinson.min_probes=2",
+               "--set", "hutchinson.mode=all",  # the cheap estimator: this test is about the files
                "--set", "calib.batch_size=4"])
     assert rc == 0
     sens = json.loads((out / "sensitivity.json").read_text())
@@ -81,11 +82,13 @@ def test_cli_sensitivity_allocate_ptq(digits, random_ckpt, tmp_path, capsys):
 
     policy_path = tmp_path / "policy.json"
     rc = main(["allocate", "--sensitivity", str(out / "sensitivity.json"), "--checkpoint", str(random_ckpt),
-               "--metric", "output-quant", "--target", "5", "--out", str(policy_path)])
+               "--metric", "output-quant", "--target", "5", "--out", str(policy_path),
+               "--set", "allocate.noise_draws=5"])
     assert rc == 0
     policy = json.loads(policy_path.read_text())
     assert policy["format"] == "gmpq-policy/1" and policy["created_by"]["method"] == "hessian-ilp"
     assert policy["summary"]["avg_w_bits"] <= 5 + 1e-9
+    assert policy["summary"]["noise"]["draws"] == 5 and 0 <= policy["summary"]["noise"]["same_allocation"] <= 1
     assert policy["layers"]["class_embed"] == {**policy["layers"]["class_embed"], "w_bits": 32, "a_bits": None}
     assert policy_path.with_suffix(".png").is_file()
 
@@ -112,10 +115,51 @@ def test_reference_detector_table(digits, tmp_path):
                       uniform_bits=[8, 4], targets=[5.0], calib=CalibConfig(data_dir=str(digits), num_images=8))
     cfg.hutchinson.max_probes = 4
     cfg.hutchinson.min_probes = 2
+    cfg.draws = 1
     res = run_table(cfg, log=lambda s: None)
     rows = {r["label"]: r for r in res["rows"]}
     assert rows["float"]["AP"] > 0.3  # a trained detector
     assert abs(rows["uniform W8"]["AP"] - rows["float"]["AP"]) < 0.03  # 8-bit weights barely matter
     for metric in ("loss", "output-float", "output-quant"):
-        assert rows[f"ILP {metric} W5"]["avg_bits"] <= 5 + 1e-9
+        assert rows[f"ILP {metric} W5 draw 0"]["avg_bits"] <= 5 + 1e-9
     assert (tmp_path / "table" / "table.md").read_text().count("| 5 | ILP") == 3
+
+
+def test_table_summarizes_calibration_draws():
+    """ILP rows become mean, sample std and range over the draws; float/uniform rows stay single."""
+    from detr_ptq.ptq.table import TableConfig, format_table, summarize_draws
+
+    rows = [{"label": "uniform W4", "method": "uniform", "avg_bits": 4.0, "AP": 0.20, "AP50": 0.5}]
+    for draw, ap in enumerate([0.30, 0.32, 0.37]):
+        rows.append({"label": f"ILP output-quant W4 draw {draw}", "method": "ilp-output-quant", "avg_bits": 3.99,
+                     "AP": ap, "AP50": 0.6, "target_bits": 4.0, "draw": draw, "negative_traces": draw,
+                     "same_allocation_under_noise": 0.5, "delta_ap_vs_uniform": 100 * ap - 20.0})
+    (entry,) = summarize_draws(rows)
+    assert entry["AP"]["mean"] == pytest.approx(33.0) and entry["AP"]["n"] == 3
+    assert entry["AP"]["std"] == pytest.approx(float(np.std([30.0, 32.0, 37.0], ddof=1)))
+    assert (entry["AP"]["min"], entry["AP"]["max"]) == pytest.approx((30.0, 37.0))
+    assert entry["delta_ap_vs_uniform"]["mean"] == pytest.approx(13.0)
+    md = format_table(rows, [entry], "detr_tiny", TableConfig(draws=3))
+    assert "| 4 | ILP, output-quant | 3.99 | 33.0 +- 3.6 (30.0..37.0) |" in md
+    assert "| 4 | uniform | 4.00 | 20.0 | 50.0 |" in md
+    with pytest.raises(ValueError, match="draws=0 must be >= 1"):
+        TableConfig(draws=0)
+
+
+def test_ptq_metrics_never_overwrite_a_policy(tmp_path):
+    from detr_ptq.ptq.apply import PTQConfig
+    from detr_ptq.ptq.stages import ptq_result_path
+
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"format": "gmpq-policy/1", "layers": {}}))
+    assert ptq_result_path(PTQConfig(policy=str(policy))).name == "policy.ptq_result.json"
+    assert ptq_result_path(PTQConfig(w_bits=4)).name == "uniform_w4.ptq_result.json"
+    with pytest.raises(UserError, match="is the policy file itself"):
+        ptq_result_path(PTQConfig(policy=str(policy), out=str(policy)))
+    other = tmp_path / "other_policy.json"
+    other.write_text(json.dumps({"format": "gmpq-policy/1", "layers": {}}))
+    with pytest.raises(UserError, match=r"holds a policy \(gmpq-policy/1\)"):
+        ptq_result_path(PTQConfig(policy=str(policy), out=str(other)))
+    metrics = tmp_path / "ap.json"
+    metrics.write_text(json.dumps({"AP": 0.1}))  # an earlier metrics file may be replaced
+    assert ptq_result_path(PTQConfig(policy=str(policy), out=str(metrics))) == metrics

@@ -13,7 +13,7 @@ from detr_ptq.models.attention import MultiheadAttention
 from detr_ptq.ptq.apply import quantize_detr, uniform_detr_policy
 from gmpq.errors import UserError
 from gmpq.quant import LayerSpec, WeightQuantizer, cost_summary, measure_macs
-from gmpq.quant.functional import symmetric_fake_quant
+from gmpq.quant.functional import minmax_step_offset, symmetric_fake_quant
 from gmpq.quant.modules import quantizable_layers, swap_layers
 from gmpq.quant.policy import layer_bits
 
@@ -37,28 +37,37 @@ def test_weight_quantizer_on_in_proj_weight():
     q = swap_layers(torch.nn.Sequential(m), {"0": LayerSpec(w_bits=4, per_channel=False)})[0]
     assert q is m and isinstance(m.w_quant, WeightQuantizer) and m.quantized_weights() == [m.in_proj_weight]
     assert all(isinstance(getattr(m, h), torch.nn.Identity)  # weight-only: activation hooks stay identities
-               for h in ("a_quant", "q_quant", "k_quant", "attn_quant", "v_quant"))
+               for h in ("q_in_quant", "k_in_quant", "v_in_quant", "q_quant", "k_quant", "attn_quant", "v_quant"))
     torch.testing.assert_close(m(x, x, x)[0], ref(x, x, x)[0], rtol=0, atol=0)
     assert dict(m.named_parameters()).keys() == dict(_attn().named_parameters()).keys()
 
 
 def test_activation_and_attention_bits_are_supported():
     m = _attn()
-    spec = LayerSpec(w_bits=8, a_bits=8, extra=(("attn_bits", 4),))
+    spec = LayerSpec(w_bits=8, a_bits=8, a_method="lsq+", extra=(("attn_bits", 4),))
     swap_layers(torch.nn.Sequential(m), {"0": spec})
-    assert m.a_quant.bits == 8 and all(getattr(m, h).bits == 4 for h in ("q_quant", "k_quant", "attn_quant",
-                                                                          "v_quant"))
-    x = torch.randn(6, 2, 16)
+    inputs = (m.q_in_quant, m.k_in_quant, m.v_in_quant)
+    operands = (m.q_quant, m.k_quant, m.attn_quant, m.v_quant)
+    assert all(q.bits == 8 and q.batch_dim == 1 for q in inputs)
+    assert all(q.bits == 4 and q.batch_dim == 0 for q in operands)
+    assert len({id(q) for q in inputs}) == 3  # one quantizer per input tensor (Eq. 2.26's separate Q-FCs)
+    # Three different tensors: a query near 0, keys around 5, values around -3 (tgt + pos, memory + pos, memory).
+    x, k, v = torch.randn(6, 2, 16), 5 + torch.randn(9, 2, 16), -3 + torch.randn(9, 2, 16)
     with pytest.raises(UserError, match="not calibrated"):
-        m(x, x, x)
+        m(x, k, v)
     # gmpq.quant.calibrate feeds single tensors; the attention takes (q, k, v), so drive the observers by hand.
-    for q in (m.a_quant, m.q_quant, m.k_quant, m.attn_quant, m.v_quant):
+    for q in inputs + operands:
         q.observing = True
-    m(x, x, x)
-    for q in (m.a_quant, m.q_quant, m.k_quant, m.attn_quant, m.v_quant):
+    m(x, k, v)
+    for q in inputs + operands:
         q.finish_calibration()
-    out, weights = m(x, x, x)
-    float_out = _attn()(x, x, x)[0]
+    # Each input quantizer took the range of its own tensor (LSQ+ min-max init: [min(lo, 0), max(hi, 0)]).
+    for q, t in zip(inputs, (x, k, v)):
+        step, offset = minmax_step_offset(t.min().clamp(max=0), t.max().clamp(min=1e-4), 8)
+        assert (q.step.item(), q.offset.item()) == (step.item(), offset.item())
+    assert m.k_in_quant.offset.item() == 0 and m.v_in_quant.offset.item() < -4 < m.q_in_quant.offset.item()
+    out, weights = m(x, k, v)
+    float_out = _attn()(x, k, v)[0]
     assert torch.isfinite(out).all() and not torch.equal(out, float_out)
     assert (out - float_out).abs().max() < 0.5 * float_out.abs().max()
 

@@ -19,8 +19,8 @@ def queries(batch: int = 2, heads: int = 4, length: int = 6, dim: int = 8) -> to
     return torch.randn(batch, heads, length, dim) * (1 + shift) + 3 * shift
 
 
-def calibrated(q: torch.Tensor) -> QueryAlign:
-    align = QueryAlign(q.shape[1])
+def calibrated(q: torch.Tensor, init: str = "identity") -> QueryAlign:
+    align = QueryAlign(q.shape[1], init=init)
     align.observing = True
     assert align(q) is q
     align.finish_calibration()
@@ -37,9 +37,26 @@ def test_calibrated_module_is_identity(one_thread):
     torch.testing.assert_close(align.train()(q), q, atol=1e-4, rtol=0)
 
 
+def test_standardize_init_gives_zero_mean_unit_variance_per_head(one_thread):
+    """Eq. 2.32 in effect from the start: gamma = 1, beta = 0, so the calibration batch comes out standardized."""
+    q = queries()
+    align = calibrated(q, "standardize").eval()
+    assert torch.equal(align.gamma.detach(), torch.ones(4)) and torch.equal(align.beta.detach(), torch.zeros(4))
+    out = align(q)
+    torch.testing.assert_close(out.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.var(dim=(0, 2, 3), unbiased=False), torch.ones(4), atol=1e-4, rtol=0)
+    # The same affine map as batch norm in eval mode with the same statistics and weight 1, bias 0.
+    bn = nn.BatchNorm2d(4, eps=align.eps).eval()
+    bn.running_mean.copy_(align.running_mean)
+    bn.running_var.copy_(align.running_var)
+    torch.testing.assert_close(out, bn(q), atol=1e-6, rtol=1e-6)
+    with pytest.raises(UserError, match=r"align_init='bn'.*\['identity', 'standardize'\]"):
+        QueryAlign(4, init="bn")
+
+
 def test_calibration_averages_batches(one_thread):
     qs = [queries(), queries() + 1.0]
-    align = QueryAlign(4)
+    align = QueryAlign(4, init="identity")
     align.observing = True
     for q in qs:
         align(q)
@@ -105,7 +122,7 @@ class Wrapper(nn.Module):
 
 def test_calibrate_through_gmpq(one_thread):
     model = Wrapper()
-    assert install_query_align(model) == ["transformer.decoder.layers.0.multihead_attn"]
+    assert install_query_align(model, init="identity") == ["transformer.decoder.layers.0.multihead_attn"]
     align = model.transformer.decoder.layers[0].multihead_attn.q_norm
     assert isinstance(align, QueryAlign) and align.name == "transformer.decoder.layers.0.multihead_attn.q_norm"
     assert isinstance(model.transformer.decoder.layers[0].self_attn.q_norm, nn.Identity)

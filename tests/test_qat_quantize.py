@@ -8,12 +8,21 @@ import torch
 from detr_ptq.models import build_detr, get_preset
 from detr_ptq.models.attention import MultiheadAttention
 from detr_ptq.qat.config import QATConfig
-from detr_ptq.qat.quantize import build_student, layer_part, set_parts_enabled, uniform_qat_policy
+from detr_ptq.qat.quantize import (
+    attention_bits,
+    build_student,
+    layer_part,
+    policy_from_file,
+    set_parts_enabled,
+    uniform_qat_policy,
+)
 from gmpq.config import load_config
 from gmpq.errors import UserError
 from gmpq.quant import functional as F
 from gmpq.quant.calibrate import calibrate, require_calibrated
 from gmpq.quant.modules import LayerSpec, quantizable_layers, swap_layers
+from gmpq.quant.policy import make_policy, save_policy
+from gmpq.quant.quantizers import ActQuantizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +42,7 @@ def test_quantized_attention_equals_float_at_32_bits_and_differs_at_4():
     ref, q32 = _attention_pair(32)
     torch.testing.assert_close(q32(x, mem, mem)[0], ref(x, mem, mem)[0], rtol=0, atol=0)
     ref, q4 = _attention_pair(4)
-    hooks = ("a_quant", "q_quant", "k_quant", "attn_quant", "v_quant")
+    hooks = ("q_in_quant", "k_in_quant", "v_in_quant", "q_quant", "k_quant", "attn_quant", "v_quant")
     assert all(getattr(q4, h).bits == 4 for h in hooks)
 
     def fwd(model, batch):
@@ -113,7 +122,76 @@ def test_student_needs_calibration_and_two_stage_switch_disables_parts():
 def test_config_shorthand_and_float_strings():
     cfg = load_config(QATConfig, None, ["bits=2-3-8", "lr=5e-4"])
     assert (cfg.w_bits, cfg.a_bits, cfg.attn_bits, cfg.lr) == (2, 3, 8, 5e-4)
-    with pytest.raises(UserError, match="'W-A-ATTN'"):
-        QATConfig(bits="4-4")
+    # bits: 4 is W4/A4 with 4-bit attention operands (Q-DETR); attn_bits: 8 is the named 8-bit variant.
+    for sets, want in ((["bits=4"], (4, 4, 4)), (["bits=4-3"], (4, 3, 3)), (["bits=3", "attn_bits=8"], (3, 3, 8)),
+                       ([], (4, 4, 4))):
+        cfg = load_config(QATConfig, None, sets)
+        assert (cfg.w_bits, cfg.a_bits, attention_bits(cfg)) == want, sets
+    with pytest.raises(UserError, match="'W', 'W-A' or 'W-A-ATTN'"):
+        QATConfig(bits="4-4-4-4")
+    with pytest.raises(UserError, match=r"attn_bits=1 .*accepted values: \[2, 3, 4, 5, 6, 7, 8, 32\]"):
+        QATConfig(attn_bits=1)
     with pytest.raises(UserError, match="stage1_epochs=3 must be in"):
         QATConfig(two_stage=True, stage1_epochs=3, epochs=3)
+
+
+def test_attention_operands_default_to_the_activation_bits():
+    model, _, _ = build_detr(get_preset("detr_tiny"))
+    cfg = QATConfig(bits=3)
+    policy = uniform_qat_policy(model, "detr_tiny", cfg)
+    attn = [n for n, m in quantizable_layers(model).items() if isinstance(m, MultiheadAttention)]
+    assert len(attn) == 6 and all(policy["layers"][n]["attn_bits"] == 3 for n in attn)
+    build_student(model, policy, cfg, "detr_tiny")
+    m = model.transformer.decoder.layers[0].multihead_attn
+    assert [getattr(m, h).bits for h in ("q_quant", "k_quant", "attn_quant", "v_quant")] == [3, 3, 3, 3]
+    eight = uniform_qat_policy(model, "detr_tiny", QATConfig(bits=3, attn_bits=8))
+    assert all(eight["layers"][n]["attn_bits"] == 8 for n in attn)
+    recipe = load_config(QATConfig, "recipes/qat_detr_tiny.yaml")
+    assert (recipe.w_bits, recipe.a_bits, attention_bits(recipe)) == (4, 4, 4)
+
+
+def _policy_file(tmp_path, model, edit) -> str:
+    layers = {n: {"w_bits": 4, "a_bits": 4} for n in quantizable_layers(model)}
+    edit(layers)
+    path = tmp_path / "policy.json"
+    save_policy(make_policy("detr_tiny", layers, "hand"), path)
+    return str(path)
+
+
+def test_policy_with_attention_bits_the_quantizers_cannot_use_is_refused(tmp_path):
+    model, _, _ = build_detr(get_preset("detr_tiny"))
+    cross = "transformer.decoder.layers.1.multihead_attn"
+    path = _policy_file(tmp_path, model, lambda layers: layers["transformer.decoder.layers.0.linear1"].update(
+        attn_bits=4))
+    with pytest.raises(UserError, match=r"(?s)policy\.json.*layers\['transformer\.decoder\.layers\.0\.linear1'\]: "
+                                        r"attn_bits=4 is given to a layer without attention operands"):
+        policy_from_file(path, model, "detr_tiny", QATConfig())
+    layers = {n: {"w_bits": 4, "a_bits": 4} for n in quantizable_layers(model)}
+    layers[cross]["attn_bits"] = 16
+    bad = tmp_path / "bad.json"
+    bad.write_text(__import__("json").dumps({"format": "gmpq-policy/1", "model": "detr_tiny",
+                                             "created_by": {"method": "hand"}, "layers": layers}))
+    with pytest.raises(UserError, match=rf"(?s)bad\.json.*layers\['{cross}'\]: attn_bits=16 is not accepted; "
+                                        r"accepted values: \[2, 3, 4, 5, 6, 7, 8, 32\] or null"):
+        policy_from_file(str(bad), model, "detr_tiny", QATConfig())
+    good = _policy_file(tmp_path, model, lambda layers: layers[cross].update(attn_bits=2))
+    assert policy_from_file(good, model, "detr_tiny", QATConfig())["layers"][cross]["attn_bits"] == 2
+
+
+def test_student_with_every_operand_at_32_bits_equals_the_float_detr():
+    """Every layer (attention: weights, the three inputs, q, k, softmax map, v) at 32 bits through the QAT path."""
+    torch.manual_seed(0)
+    ref, _, _ = build_detr(get_preset("detr_tiny"))
+    model, _, _ = build_detr(get_preset("detr_tiny"))
+    model.load_state_dict(ref.state_dict())
+    layers = {n: {"w_bits": 32, "a_bits": 32, **({"attn_bits": 32} if isinstance(m, MultiheadAttention) else {})}
+              for n, m in quantizable_layers(model).items()}
+    cfg = QATConfig()
+    build_student(model, make_policy("detr_tiny", layers, "hand"), cfg, "detr_tiny")
+    attn = model.transformer.decoder.layers[0].multihead_attn
+    assert attn.w_quant.bits == 32 and not any(isinstance(q, ActQuantizer) for q in attn.modules())
+    images, mask = torch.randn(2, 3, 64, 96), torch.zeros(2, 64, 96, dtype=torch.bool)
+    with torch.no_grad():
+        got, want = model.eval()(images, mask), ref.eval()(images, mask)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)

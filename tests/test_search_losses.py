@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gmpq.runtime.terms import term_grad_norms, weighted_total
 from gmpq.search import losses as L
 
 
@@ -60,9 +61,9 @@ def test_attribution_zero_when_student_matches_teacher_power():
 def test_attribution_hand_computed_topk():
     teacher = torch.tensor([[[4.0, 1.0], [2.0, 0.0]]])  # top-2: pixels 4 and 2
     student = torch.tensor([[[1.0, 5.0], [3.0, 7.0]]])  # at those pixels: 1 and 3
-    target = torch.tensor([16.0, 4.0]) / 20  # p = 2
-    pred = torch.tensor([1.0, 3.0]) / 4
-    expected = ((pred - target) ** 2).sum()
+    target = torch.tensor([16.0, 4.0]) / 10  # p = 2, scaled to mean 1
+    pred = torch.tensor([1.0, 3.0]) / 2
+    expected = ((pred - target) ** 2).mean()
     assert L.attribution_loss(student, teacher, 2.0, topk=2).item() == pytest.approx(expected.item())
 
 
@@ -75,5 +76,25 @@ def test_topk_capped_by_pixel_count():
 
 def test_weighted_total_and_eta_zero():
     terms = {"ce": torch.tensor(2.0), "complexity": torch.tensor(0.5), "attribution": torch.tensor(3.0)}
-    assert L.weighted_total(terms, L.loss_weights(zeta=2.0, eta=0.0)).item() == pytest.approx(3.0)
-    assert L.weighted_total(terms, L.loss_weights(zeta=2.0, eta=0.1)).item() == pytest.approx(3.3)
+    assert weighted_total(terms, L.loss_weights(zeta=2.0, eta=0.0)).item() == pytest.approx(3.0)
+    assert weighted_total(terms, L.loss_weights(zeta=2.0, eta=0.1)).item() == pytest.approx(3.3)
+
+
+def test_attribution_size_does_not_depend_on_input_size_or_k():
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.rand(2, 4, 4, generator=g, dtype=torch.float64), torch.rand(2, 4, 4, generator=g, dtype=torch.float64)
+    small = L.attribution_loss(s, t, 1.5, topk=16)
+    big = L.attribution_loss(s.repeat_interleave(8, 1).repeat_interleave(8, 2),  # the same maps at 32 x 32
+                             t.repeat_interleave(8, 1).repeat_interleave(8, 2), 1.5, topk=1024)
+    torch.testing.assert_close(big, small, rtol=1e-12, atol=0)
+    assert L.attribution_loss(3.0 * s, t, 1.5, topk=16).item() == pytest.approx(small.item())  # scale-free
+
+
+def test_term_grad_norms_equal_autograd_per_weighted_term():
+    a = torch.tensor([0.3, -0.2], requires_grad=True)
+    terms = {"ce": (a**2).sum(), "complexity": 3 * a[0], "attribution": torch.zeros(())}
+    norms = term_grad_norms(terms, {"ce": 1.0, "complexity": 2.0, "attribution": 0.5}, [a])
+    assert norms["ce"] == pytest.approx(float(torch.linalg.norm(2 * a.detach())))
+    assert norms["complexity"] == pytest.approx(6.0) and norms["attribution"] == 0.0
+    shares = L.grad_shares(norms)
+    assert sum(shares.values()) == pytest.approx(1.0) and shares["attribution"] == 0.0

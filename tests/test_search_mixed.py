@@ -106,8 +106,8 @@ def test_hypernet_keeps_names_and_excludes_first_and_classifier():
     assert list(mixed_layers(model)) == ["body.0", "body.2"]
     assert type(model.stem) is nn.Conv2d and type(model.head) is nn.Linear and type(model.mid) is nn.Linear
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert unexpected == [] and all(k.split(".")[-1] in ("alpha_w", "alpha_a", "alpha") or "a_quants" in k
-                                    for k in missing)
+    extra = ("alpha_w", "alpha_a", "alpha", "w_steps", "w_amax")
+    assert unexpected == [] and all(k.split(".")[-1] in extra or "a_quants" in k for k in missing)
     assert len(arch_parameters(model)) == 4
     build_hypernet(Toy(), [2], [2], exclude=["stem"], include_linear=True)
 

@@ -33,22 +33,24 @@ def _cfg(out: Path, *extra: str) -> SearchConfig:
 
 def test_two_epoch_run_writes_everything_survives_nan_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real_epoch = train_mod.train_one_epoch
+    real_step = train_mod.step_terms
+    calls = {"n": 0}
 
-    def stop_in_second_epoch(s, loader, optimizer, d, epoch, writer, ckpt):
-        if epoch == 1:
+    def stop_in_second_epoch(*args):
+        calls["n"] += 1
+        if calls["n"] > 3:  # max_steps_per_epoch=3: the first step of epoch 2
             raise KeyboardInterrupt
-        return real_epoch(s, loader, optimizer, d, epoch, writer, ckpt)
+        return real_step(*args)
 
-    monkeypatch.setattr(train_mod, "train_one_epoch", stop_in_second_epoch)
+    monkeypatch.setattr(train_mod, "step_terms", stop_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         run_search(_cfg(out, "epochs=2"))
     assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1
-    monkeypatch.setattr(train_mod, "train_one_epoch", real_epoch)
+    monkeypatch.setattr(train_mod, "step_terms", real_step)
 
     # a NaN term stops the run, names the term, and leaves the epoch-1 checkpoint in place
     monkeypatch.setattr(losses, "complexity_loss", lambda *a, **k: torch.tensor(float("nan")))
-    with pytest.raises(NonFiniteLossError, match=r"'complexity'.*epoch 2, step 1.*last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 1: complexity=nan.*last good checkpoint"):
         run_search(_cfg(out, "epochs=2"), resume=True)
     assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 1
     monkeypatch.undo()
@@ -60,11 +62,13 @@ def test_two_epoch_run_writes_everything_survives_nan_and_resumes(tmp_path, monk
     assert any((out / "tb").iterdir())
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
-    assert all(r["attribution"] > 0 and r["p"] > 1 for r in log)
+    assert all(r["train_attribution"] > 0 and r["train_p"] > 1 for r in log)
+    assert all(r[f"grad_{k}"] > 0 for r in log for k in ("ce", "complexity", "attribution"))  # each term acts
     policy = load_policy(out / "policy.json")
     assert policy["created_by"]["method"] == "gmpq" and policy["summary"]["epoch"] == 2
     entries = validate_policy(policy, create_model("small_cnn"), model_name="small_cnn")
-    assert entries["conv1.conv"] == {"w_bits": 32, "a_bits": None} and entries["fc"]["w_bits"] == 32
+    assert (entries["conv1.conv"]["w_bits"], entries["conv1.conv"]["a_bits"]) == (32, None)
+    assert entries["fc"]["w_bits"] == 32
     searched = {n: e for n, e in entries.items() if "w_probs" in e}
     assert len(searched) == 4
     for e in searched.values():
@@ -77,7 +81,7 @@ def test_eta_zero_is_edmips_with_zero_attribution(tmp_path):
     out = tmp_path / "edmips"
     run_search(_cfg(out, "epochs=1", "loss.eta=0", "pretrain_epochs=0"))
     (rec,) = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert rec["attribution"] == 0.0
+    assert rec["train_attribution"] == 0.0 and "grad_attribution" not in rec
     assert load_policy(out / "policy.json")["created_by"]["method"] == "edmips"
 
 

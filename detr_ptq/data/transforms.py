@@ -1,5 +1,6 @@
 """DETR's evaluation transform: resize (shortest side ``min_size``, longest at most ``max_size``), ImageNet
-normalization, boxes to normalized (cx, cy, w, h); and the collate that pads a batch and builds its mask.
+normalization, boxes to normalized (cx, cy, w, h); DETR's training augmentation (``DetrTrainTransform``: random
+horizontal flip, multi-scale resize, random crop); and the collate that pads a batch and builds its mask.
 
 Targets hold ``boxes`` [N, 4] (x0, y0, x1, y1 pixels before ``normalize``; cx, cy, w, h in [0, 1] after),
 ``labels`` [N], ``image_id``, ``orig_size`` and ``size`` as (height, width).
@@ -8,6 +9,7 @@ Targets hold ``boxes`` [N, 4] (x0, y0, x1, y1 pixels before ``normalize``; cx, c
 from __future__ import annotations
 
 import torch
+import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor
@@ -58,6 +60,76 @@ class DetrTransform:
 
     def __call__(self, image: Image.Image, target: dict) -> tuple[Tensor, dict]:
         return normalize(*resize(image, target, self.min_size, self.max_size))
+
+
+# The official DETR training recipe at ``min_size = 800`` (``datasets/coco.py: make_coco_transforms``).
+TRAIN_SCALES = tuple(range(480, 801, 32))  # shortest side of the multi-scale resize
+CROP_PRE_SCALES = (400, 500, 600)  # resize before the random crop
+CROP_RANGE = (384, 600)  # side lengths of the random crop
+PER_BOX_FIELDS = ("boxes", "labels", "area", "iscrowd")
+
+
+def hflip(image: Image.Image, target: dict) -> tuple[Image.Image, dict]:
+    """Mirror left-right; boxes (x0, y0, x1, y1 pixels) become (W - x1, y0, W - x0, y1)."""
+    w = image.width
+    boxes = target["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1, -1, 1]) + torch.tensor([w, 0.0, w, 0])
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), {**target, "boxes": boxes}
+
+
+def crop(image: Image.Image, target: dict, top: int, left: int, height: int, width: int
+         ) -> tuple[Image.Image, dict]:
+    """Keep the pixel region ``[top, top + height) x [left, left + width)``; boxes are shifted and clipped to it,
+    boxes left with no area are dropped (with their labels), as in the official DETR ``crop``."""
+    image = image.crop((left, top, left + width, top + height))
+    boxes = target["boxes"] - torch.tensor([left, top, left, top], dtype=torch.float32)
+    boxes = torch.min(boxes.reshape(-1, 2, 2), torch.tensor([width, height], dtype=torch.float32)).clamp(min=0)
+    keep = (boxes[:, 1, :] > boxes[:, 0, :]).all(dim=1)
+    out = {**target, "boxes": boxes.reshape(-1, 4), "size": torch.tensor([height, width])}
+    for key in PER_BOX_FIELDS:
+        if key in out:
+            out[key] = out[key][keep]
+    return image, out
+
+
+def _choice(values: tuple[int, ...]) -> int:
+    return values[int(torch.randint(len(values), ()))]
+
+
+def random_size_crop(image: Image.Image, target: dict, lo: int, hi: int) -> tuple[Image.Image, dict]:
+    """Crop a random region with sides in ``[lo, min(side, hi)]`` at a random place (DETR ``RandomSizeCrop``)."""
+    w = int(torch.randint(min(lo, image.width), min(image.width, hi) + 1, ()))
+    h = int(torch.randint(min(lo, image.height), min(image.height, hi) + 1, ()))
+    top, left, h, w = T.RandomCrop.get_params(image, (h, w))
+    return crop(image, target, top, left, h, w)
+
+
+class DetrTrainTransform:
+    """DETR's training augmentation, then normalize: random horizontal flip (p = 0.5); then with p = 0.5 a resize of
+    the shortest side to one of ``scales`` (longest <= ``max_size``), else a resize to one of ``crop_pre_scales``,
+    a random crop with sides in ``crop_range`` and a resize to one of ``scales``.
+
+    ``min_size = 800`` gives the official recipe (scales 480..800 step 32, pre-crop 400/500/600, crop 384..600);
+    another ``min_size`` scales every size by ``min_size / 800``, so a small-image recipe keeps the same proportions.
+    Randomness comes from torch's generator (``set_seed`` makes runs repeatable).
+    """
+
+    def __init__(self, min_size: int = 800, max_size: int | None = 1333) -> None:
+        r = min_size / 800
+        self.scales = tuple(sorted({max(1, round(s * r)) for s in TRAIN_SCALES}))
+        self.crop_pre_scales = tuple(max(1, round(s * r)) for s in CROP_PRE_SCALES)
+        self.crop_range = tuple(max(1, round(s * r)) for s in CROP_RANGE)
+        self.max_size = max_size
+
+    def __call__(self, image: Image.Image, target: dict) -> tuple[Tensor, dict]:
+        if torch.rand(()) < 0.5:
+            image, target = hflip(image, target)
+        if torch.rand(()) < 0.5:
+            image, target = resize(image, target, _choice(self.scales), self.max_size)
+        else:
+            image, target = resize(image, target, _choice(self.crop_pre_scales), None)
+            image, target = random_size_crop(image, target, *self.crop_range)
+            image, target = resize(image, target, _choice(self.scales), self.max_size)
+        return normalize(image, target)
 
 
 def collate(batch: list[tuple[Tensor, dict]]) -> tuple[Tensor, Tensor, list[dict]]:

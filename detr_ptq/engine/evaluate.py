@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
+from gmpq.detection.coco_eval import warn_detections
 from gmpq.detection.pycoco import coco_evaluate
+from gmpq.runtime.progress import progress as show_progress
 
 
 def to_coco_detections(targets: list[dict], results: list[dict]) -> list[dict]:
@@ -29,7 +30,7 @@ def predict(model: nn.Module, postprocessor: nn.Module, loader: DataLoader, devi
     one per query (at most 100 per image, the COCO maxDets)."""
     model.eval()
     detections = []
-    for images, mask, targets in tqdm(loader, desc="eval", disable=not progress, leave=False):
+    for images, mask, targets in show_progress(loader, desc="COCO evaluation", enabled=progress, unit="batch"):
         outputs = model(images.to(device), mask.to(device))
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
         detections += to_coco_detections(targets, postprocessor(outputs, sizes))
@@ -40,4 +41,5 @@ def evaluate(model: nn.Module, postprocessor: nn.Module, loader: DataLoader, gt:
              progress: bool = False) -> dict[str, float | None]:
     """COCO box metrics (AP, AP50, AP75, APs, APm, APl) of ``model`` on the images of ``loader``."""
     detections = predict(model, postprocessor, loader, device, progress)
+    warn_detections(gt, detections, len(loader.dataset))  # AP 0 from mismatched category ids is not silent
     return coco_evaluate(gt, detections)

@@ -5,6 +5,8 @@ DETR learns localisation long before it learns classes when its backbone starts 
 class signal reaches the backbone through the decoder's cross-attention. A few epochs of plain classification of
 fixed-size crops centred on the training boxes (objects at their native scale, neighbours included) give the
 backbone class features first, as ImageNet pretraining does for the official model.
+
+The loop is the project's one training loop (``gmpq.runtime.fit``): ``pretrain_task`` supplies the step.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torch import Tensor, nn
-from tqdm import tqdm
+from torch.utils.data import DataLoader, TensorDataset
 
 from detr_ptq.data.coco import CocoDetection
 from detr_ptq.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from gmpq.io import load_image
+from gmpq.runtime import Task
 
 
 def object_crops(dataset: CocoDetection, size: int) -> tuple[Tensor, Tensor]:
@@ -39,36 +42,37 @@ def object_crops(dataset: CocoDetection, size: int) -> tuple[Tensor, Tensor]:
     return torch.stack(crops), torch.tensor(labels, dtype=torch.int64)
 
 
-def _normalize(crops: Tensor) -> Tensor:
-    return TF.normalize(crops.float() / 255, IMAGENET_MEAN, IMAGENET_STD)
+class CropClassifier(nn.Module):
+    """``body`` (image [B, 3, H, W] -> {"0": features [B, C, h, w]}) + a temporary linear head on the
+    average-pooled features -> logits [B, num_classes]."""
+
+    def __init__(self, body: nn.Module, out_channels: int, num_classes: int):
+        super().__init__()
+        self.body, self.head = body, nn.Linear(out_channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x)["0"].mean(dim=(2, 3)))
 
 
-def pretrain_backbone(body: nn.Module, out_channels: int, num_classes: int, crops: Tensor, labels: Tensor,
-                      epochs: int, lr: float, batch_size: int = 64, shift: int = 4, seed: int = 0,
-                      progress: bool = False) -> dict[str, float]:
-    """Train ``body`` (image [B, 3, H, W] -> {"0": features [B, C, h, w]}) with a temporary linear head on
-    average-pooled features; random shifts of up to ``shift`` pixels. -> {"train_accuracy": last epoch}."""
-    head = nn.Linear(out_channels, num_classes)
-    params = [p for p in body.parameters() if p.requires_grad] + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    gen = torch.Generator().manual_seed(seed)
+def pretrain_task(body: nn.Module, out_channels: int, num_classes: int, crops: Tensor, labels: Tensor, lr: float,
+                  batch_size: int = 64, shift: int = 4, seed: int = 0) -> Task:
+    """The engine task that trains ``body`` in place: AdamW (weight decay 1e-4), cross-entropy on crops shifted by
+    up to ``shift`` pixels (one shift per batch, from the global RNG the engine checkpoints); terms ``ce`` and
+    ``acc`` (logged only: the epoch's ``train_acc`` is the training accuracy)."""
+    model = CropClassifier(body, out_channels, num_classes)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
+    loader = DataLoader(TensorDataset(crops, labels), batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
     size = crops.shape[-1] - 2 * shift
-    body.train()
-    accuracy = 0.0
-    for epoch in range(epochs):
-        order = torch.randperm(len(crops), generator=gen)
-        correct = 0
-        for start in tqdm(range(0, len(order), batch_size), desc=f"backbone pretrain {epoch}", disable=not progress,
-                          mininterval=10):
-            idx = order[start:start + batch_size]
-            dx, dy = torch.randint(0, 2 * shift + 1, (2,), generator=gen).tolist()
-            x = _normalize(crops[idx, :, dy:dy + size, dx:dx + size])
-            logits = head(body(x)["0"].mean(dim=(2, 3)))
-            loss = F.cross_entropy(logits, labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            correct += (logits.argmax(-1) == labels[idx]).sum().item()
-        accuracy = correct / len(order)
-        print(f"backbone pretrain epoch {epoch}: loss {loss.item():.4f}  train accuracy {accuracy:.4f}", flush=True)
-    return {"train_accuracy": accuracy}
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def loss_terms(net: nn.Module, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        x, y = batch
+        dx, dy = torch.randint(0, 2 * shift + 1, (2,)).tolist()
+        device = next(model.parameters()).device
+        x = ((x[:, :, dy:dy + size, dx:dx + size].float() / 255 - mean) / std).to(device)
+        logits, y = net(x), y.to(device)
+        return {"ce": F.cross_entropy(logits, y), "acc": (logits.argmax(-1) == y).float().mean().detach()}
+
+    return Task(model=model, optimizer=optimizer, loader=loader, loss_terms=loss_terms, weights={"ce": 1.0},
+                name="backbone_pretrain", on_epoch_start=lambda epoch: model.train())

@@ -9,14 +9,18 @@ Quantization hooks: parameter-free submodules, ``nn.Identity`` by default, that 
 quantizers without editing this file:
 
     w_quant     applied to ``in_proj_weight`` before use                [3E, E]
-    a_quant     applied to each of the query / key / value inputs       [L or S, B, E]
+    q_in_quant  the query input (DETR: tgt + query_pos)                 [L, B, E]
+    k_in_quant  the key input (DETR: memory + pos)                      [S, B, E]
+    v_in_quant  the value input (DETR: memory)                          [S, B, E]
     q_norm      projected queries, before q_quant (Q-DETR distribution alignment; identity by default)
     q_quant     projected queries                                       [B, h, L, E/h]
     k_quant     projected keys                                          [B, h, S, E/h]
     attn_quant  softmax attention map                                   [B, h, L, S]
     v_quant     projected values                                        [B, h, S, E/h]
 
-``out_proj`` is a plain ``nn.Linear`` so it is quantized like any other linear layer.
+The three inputs are different tensors, so each has its own hook (Q-DETR Eq. 2.26 quantizes them in three
+separate fully-connected layers). ``out_proj`` is a plain ``nn.Linear`` so it is quantized like any other linear
+layer.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-HOOK_NAMES = ("w_quant", "a_quant", "q_norm", "q_quant", "k_quant", "attn_quant", "v_quant")
+HOOK_NAMES = ("w_quant", "q_in_quant", "k_in_quant", "v_in_quant", "q_norm", "q_quant", "k_quant", "attn_quant",
+              "v_quant")
 
 
 class MultiheadAttention(nn.Module):
@@ -70,9 +75,9 @@ class MultiheadAttention(nn.Module):
         w = self.w_quant(self.in_proj_weight)
         w_q, w_k, w_v = w[:e], w[e:2 * e], w[2 * e:]
         b_q, b_k, b_v = self.in_proj_bias[:e], self.in_proj_bias[e:2 * e], self.in_proj_bias[2 * e:]
-        q = self.q_quant(self.q_norm(self._split_heads(F.linear(self.a_quant(query), w_q, b_q))))
-        k = self.k_quant(self._split_heads(F.linear(self.a_quant(key), w_k, b_k)))
-        v = self.v_quant(self._split_heads(F.linear(self.a_quant(value), w_v, b_v)))
+        q = self.q_quant(self.q_norm(self._split_heads(F.linear(self.q_in_quant(query), w_q, b_q))))
+        k = self.k_quant(self._split_heads(F.linear(self.k_in_quant(key), w_k, b_k)))
+        v = self.v_quant(self._split_heads(F.linear(self.v_in_quant(value), w_v, b_v)))
 
         logits = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # [B, h, L, S]
         if attn_mask is not None:

@@ -1,5 +1,6 @@
 """Reading DETR checkpoints: ``{"model": state_dict, ...}`` (the official format) or a bare state dict, loaded
-strictly, with every missing, unexpected and shape-mismatched key reported in one error."""
+strictly, with every missing, unexpected and shape-mismatched key reported in one error; NaN or inf weights are
+refused with the tensors named."""
 
 from __future__ import annotations
 
@@ -26,9 +27,13 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], str, dict]:
     if not isinstance(raw, dict):
         raise UserError(f"checkpoint {str(path)!r} holds a {type(raw).__name__}; expected a dict with key "
                         f"'model' (the official DETR format) or a bare state dict")
+    from gmpq.models.weights import check_finite_state  # late import: gmpq.models registers every model
+
     if "model" in raw and isinstance(raw["model"], dict):
+        check_finite_state(raw["model"], f"checkpoint {str(path)!r}")
         return raw["model"], "dict with key 'model'", raw
     if raw and all(isinstance(v, Tensor) for v in raw.values()):
+        check_finite_state(raw, f"checkpoint {str(path)!r}")
         return raw, "bare state dict (no 'model' key)", {"model": raw}
     raise UserError(f"checkpoint {str(path)!r} has keys {sorted(raw)[:10]} but no 'model' state dict and is not "
                     f"a bare state dict of tensors")

@@ -1,13 +1,14 @@
 """DETR's set criterion: Hungarian matching, then classification (CE with a down-weighted no-object class),
 L1 and GIoU box losses, on the final decoder layer and on every auxiliary layer (keys suffixed ``_i``).
 
-The criterion returns a dict of named, unweighted terms; ``weighted_total`` applies ``weight_dict`` in the one
-place where weighting happens.
+The criterion returns a dict of named, unweighted terms; ``weight_dict`` is applied in the one place where weighting
+happens (``gmpq.runtime.terms.weighted_total``, called by the training engine).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou
@@ -21,10 +22,6 @@ def make_weight_dict(ce: float, bbox: float, giou: float, num_aux: int) -> dict[
     for i in range(num_aux):
         out.update({f"{k}_{i}": v for k, v in base.items()})
     return out
-
-
-def weighted_total(loss_dict: dict[str, Tensor], weight_dict: dict[str, float]) -> Tensor:
-    return sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
 
 
 class SetCriterion(nn.Module):
@@ -60,7 +57,7 @@ class SetCriterion(nn.Module):
                 "_matched_logits": logits[batch_idx, src_idx], "_matched_labels": matched_labels}
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
-        num_boxes = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+        num_boxes = _mean_num_boxes(targets)
         indices = self.matcher(outputs, targets)
         terms = self._losses(outputs, targets, indices, num_boxes)
         matched_logits, matched_labels = terms.pop("_matched_logits"), terms.pop("_matched_labels")
@@ -78,3 +75,15 @@ class SetCriterion(nn.Module):
             for k in ("loss_ce", "loss_bbox", "loss_giou"):
                 terms[f"{k}_{i}"] = aux_terms[k]
         return terms
+
+
+def _mean_num_boxes(targets: list[dict]) -> float:
+    """Boxes per process, averaged over the processes of a distributed run (as official DETR does), at least 1:
+    every process then normalises its box losses by the same count, so the averaged DDP gradient equals the
+    gradient of one process on the global batch even when the processes see different numbers of boxes."""
+    n = torch.tensor(float(sum(len(t["labels"]) for t in targets)), dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(n)
+        n /= dist.get_world_size()
+    return max(float(n), 1.0)
+

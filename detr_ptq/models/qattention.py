@@ -11,11 +11,15 @@ What the registration gives the backend:
   returns the same module (parameter names unchanged, float checkpoints still load):
       w_quant     ``WeightQuantizer(spec.w_bits, spec.w_method, spec.per_channel, out_channels=3E)`` on
                   ``in_proj_weight [3E, E]``
-      a_quant     ``ActQuantizer(spec.a_bits, spec.a_method)`` on the query/key/value inputs
+      q_in_quant, k_in_quant, v_in_quant
+                  one ``ActQuantizer(spec.a_bits, spec.a_method)`` per input (query, key, value: three different
+                  tensors, hence three ranges), batch dimension 1 (sequence-first ``[L, B, E]``)
       q_quant, k_quant, attn_quant, v_quant
                   ``ActQuantizer(spec.get("attn_bits"), spec.a_method)`` on the projected q, k, v and the
-                  softmax map
+                  softmax map (``[B, h, ., .]``, batch dimension 0)
   A hook whose bits are None or 32 stays the parameter-free ``nn.Identity`` (no calibration, no new state).
+  Attention operands are quantized only when ``attn_bits`` is given: the consumer decides the default (QAT: the
+  activation bits, Q-DETR Eq. 2.26; weight-only PTQ: none).
   ``out_proj`` is an ``nn.Linear`` and is quantized as its own layer (``...self_attn.out_proj``).
 - ``quantized_weights()`` -> ``[in_proj_weight]`` and ``macs(inputs, output)`` (per image: the q, k and v
   projections, ``(L + 2 S) E^2``; the two activation-activation matmuls hold no weight and are not counted, so
@@ -32,7 +36,8 @@ from gmpq.quant.functional import FULL_PRECISION
 from gmpq.quant.modules import LayerSpec, register_quantizable
 from gmpq.quant.quantizers import ActQuantizer, WeightQuantizer
 
-ACT_HOOKS = ("q_quant", "k_quant", "attn_quant", "v_quant")
+INPUT_HOOKS = ("q_in_quant", "k_in_quant", "v_in_quant")  # [L or S, B, E]
+ACT_HOOKS = ("q_quant", "k_quant", "attn_quant", "v_quant")  # [B, h, ., .]
 
 
 def quantize_attention(module: MultiheadAttention, spec: LayerSpec) -> MultiheadAttention:
@@ -40,18 +45,19 @@ def quantize_attention(module: MultiheadAttention, spec: LayerSpec) -> Multihead
     module.spec = spec
     module.w_quant = WeightQuantizer(spec.w_bits, spec.w_method, spec.per_channel, out_channels=3 * module.embed_dim)
     module.w_quant.init_from(module.in_proj_weight)
-    module.a_quant = _act_quantizer(spec.a_bits, spec.a_method)
+    for name in INPUT_HOOKS:
+        setattr(module, name, _act_quantizer(spec.a_bits, spec.a_method, batch_dim=1))
     for name in ACT_HOOKS:
-        setattr(module, name, _act_quantizer(spec.get("attn_bits"), spec.a_method))
+        setattr(module, name, _act_quantizer(spec.get("attn_bits"), spec.a_method, batch_dim=0))
     return module.to(module.in_proj_weight.device)
 
 
-def _act_quantizer(bits: int | None, method: str) -> nn.Module:
+def _act_quantizer(bits: int | None, method: str, batch_dim: int) -> nn.Module:
     """An ``ActQuantizer``, or the parameter-free identity for full precision (None or 32), so weight-only
     quantization adds no parameters (the state dict keeps the float names) and needs no calibration."""
     if bits in (None, FULL_PRECISION):
         return nn.Identity()
-    return ActQuantizer(bits, method)
+    return ActQuantizer(bits, method, batch_dim=batch_dim)
 
 
 def attention_quantized_weights(self: MultiheadAttention) -> list[nn.Parameter]:
@@ -85,4 +91,4 @@ def register_attention() -> None:
 
 register_attention()
 
-__all__ = ["quantize_attention", "register_attention", "ACT_HOOKS"]
+__all__ = ["quantize_attention", "register_attention", "ACT_HOOKS", "INPUT_HOOKS"]

@@ -11,10 +11,14 @@ average trace ``Tr(H_ll) / n_l``: then ``Omega / 2`` is the second-order estimat
 Trace hygiene (Hutchinson estimates are noisy and the ``loss`` Hessian is indefinite):
 - NaN or inf traces raise ``UserError`` naming every such layer (re-run ``sensitivity`` with more probes);
 - negative traces are clamped to 0 with a warning (``negative_traces: clamp``, default) or replaced by their
-  magnitude (``negative_traces: abs``); their count and names are stored in the policy summary. The
-  ``output-quant`` Hessian is genuinely indefinite: at ``W_q8`` the L1 term's gradient is sign(b_s - b_t), of
-  unit size however small the difference, so its Hessian carries sum_i sign(r_i) d2 b_i / dW2, which outweighs
-  the positive semi-definite KL part.
+  magnitude (``negative_traces: abs``); their count and names are stored in the policy summary. The ``loss``
+  Hessian is indefinite; the ``output-*`` ones are (nearly) positive semi-definite since their box term is
+  twice differentiable (``detr_ptq.ptq.distill``), so a negative estimate there is noise.
+
+Noise: each trace comes with its standard error. ``allocation_noise`` re-solves the ILP ``noise_draws`` times with
+traces drawn from ``N(trace, stderr^2)`` and stores in ``summary.noise`` how often the allocation (and each
+layer's bits) stays the same; when fewer than half of the draws give the same allocation, a warning says the
+deciding differences are within the noise.
 """
 
 from __future__ import annotations
@@ -49,11 +53,15 @@ class AllocateConfig:
     max_size_mb: float = 0.0  # whole model (float parts at 32 bits), 1e6 bytes; 0 = no budget
     max_gbops: float = 0.0  # per image at input_size; 0 = no budget
     input_size: list[int] = field(default_factory=lambda: [3, 96, 96])  # for MACs/BOPs (C, H, W)
+    noise_draws: int = 20  # re-solve with traces drawn from N(trace, stderr^2) this often (0 = off)
+    noise_seed: int = 0
 
     def __post_init__(self) -> None:
         bad = [b for b in self.candidate_bits if b not in range(2, 9)]
         if bad:
             raise ValueError(f"candidate_bits={self.candidate_bits}: {bad} not in 2..8")
+        if self.noise_draws < 0:
+            raise ValueError(f"noise_draws={self.noise_draws} must be >= 0")
 
 
 def default_candidates(target: float) -> list[int]:
@@ -100,6 +108,29 @@ def omega_table(layers: dict[str, nn.Module], traces: np.ndarray, bits: list[int
     return out * traces[:, None]
 
 
+def allocation_noise(solve, traces: np.ndarray, stderr: np.ndarray, chosen: list[int], names: list[str],
+                     draws: int, seed: int, rule: str) -> dict:
+    """How much of the allocation the trace noise decides: re-solve ``draws`` times with traces drawn from
+    ``N(trace, stderr^2)`` (independently per layer, then the same negative-trace ``rule``) and compare.
+
+    ``solve(traces [L]) -> bits [L]``. Returns ``{"draws", "same_allocation": share of draws that give the same
+    bits everywhere, "layers_changed": {layer: share of draws where its bits differ} (layers that never change
+    are left out), "mean_changed_layers"}``.
+    """
+    rng = np.random.default_rng(seed)
+    changed = np.zeros(len(names))
+    same = 0
+    for _ in range(draws):
+        t = traces + stderr * rng.standard_normal(len(traces))
+        t = np.abs(t) if rule == "abs" else np.clip(t, 0, None)
+        diff = np.asarray(solve(t)) != np.asarray(chosen)
+        changed += diff
+        same += not diff.any()
+    return {"draws": draws, "same_allocation": same / draws if draws else None,
+            "layers_changed": {n: c / draws for n, c in zip(names, changed) if c > 0},
+            "mean_changed_layers": float(changed.sum() / draws) if draws else None}
+
+
 def allocate(model: nn.Module, sens: dict, cfg: AllocateConfig, model_name: str) -> dict:
     """Stage: (float model, sensitivity result, cfg) -> policy dict covering every quantizable layer."""
     if cfg.metric not in sens.get("metrics", {}):
@@ -113,24 +144,43 @@ def allocate(model: nn.Module, sens: dict, cfg: AllocateConfig, model_name: str)
     traces, clamped = clean_traces({n: r[key] for n, r in result["layers"].items()}, list(alloc), cfg.negative_traces)
     bits = sorted(cfg.candidate_bits) or default_candidates(cfg.target_bits)
     ref_bits = cfg.ref_bits if cfg.metric == "output-quant" else None
-    omega = omega_table(alloc, traces, bits, ref_bits)
+    err = omega_table(alloc, np.ones(len(alloc)), bits, ref_bits)  # ||Q_b(W_l) - W_ref,l||^2
+    omega = err * traces[:, None]
     params = np.asarray([sum(w.numel() for w in weight_tensors(m)) for m in alloc.values()], dtype=np.float64)
 
     fixed_params = sum(p.numel() for p in model.parameters()) - params.sum()
     macs = measure_macs(model, tuple(cfg.input_size)) if (cfg.max_gbops > 0) else None
     bops_per_bit = np.asarray([macs[n] * FULL_PRECISION for n in alloc], dtype=np.float64) if macs else None
     fixed_bops = (sum(macs[n] for n in qlayers if n not in alloc) * FULL_PRECISION**2) if macs else 0.0
-    sol = solve_bit_allocation(
-        omega, params, bits, cfg.target_bits,
-        max_size_bits=cfg.max_size_mb * 8e6 if cfg.max_size_mb > 0 else None, fixed_size_bits=fixed_params * 32,
-        bops_per_bit=bops_per_bit, max_bops=cfg.max_gbops * 1e9 if cfg.max_gbops > 0 else None,
-        fixed_bops=fixed_bops)
+
+    def solve(t: np.ndarray) -> dict:
+        return solve_bit_allocation(
+            err * t[:, None], params, bits, cfg.target_bits,
+            max_size_bits=cfg.max_size_mb * 8e6 if cfg.max_size_mb > 0 else None, fixed_size_bits=fixed_params * 32,
+            bops_per_bit=bops_per_bit, max_bops=cfg.max_gbops * 1e9 if cfg.max_gbops > 0 else None,
+            fixed_bops=fixed_bops)
+
+    sol = solve(traces)
+    stderr = np.asarray([(result["layers"][n].get("stderr") or 0.0) for n in alloc], dtype=np.float64)
+    if key == "avg_trace":
+        stderr = stderr / params
+    raw = np.asarray([result["layers"][n][key] for n in alloc], dtype=np.float64)  # before the negative rule
+    noise = allocation_noise(lambda t: solve(t)["bits"], raw, stderr, sol["bits"], list(alloc),
+                             cfg.noise_draws, cfg.noise_seed, cfg.negative_traces)
+    no_stderr = [n for n in alloc if result["layers"][n].get("stderr") is None]
+    if cfg.noise_draws and noise["same_allocation"] < 0.5:
+        worst = sorted(noise["layers_changed"].items(), key=lambda kv: -kv[1])[:5]
+        warnings.warn(f"the allocation is decided within the trace noise: re-solved with traces drawn from their "
+                      f"standard errors, only {100 * noise['same_allocation']:.0f}% of {cfg.noise_draws} draws give "
+                      f"the same bits (on average {noise['mean_changed_layers']:.1f} layers change; most often "
+                      f"{[n for n, _ in worst]}); run `detr-ptq sensitivity` with more probes", stacklevel=2)
 
     layers: dict[str, dict] = {}
     for n in qlayers:
         r = result["layers"].get(n, {})
         entry = {"w_bits": FULL_PRECISION, "a_bits": None, "excluded": n not in alloc,
-                 "trace": r.get("trace"), "avg_trace": r.get("avg_trace"), "stderr": r.get("stderr")}
+                 "trace": r.get("trace"), "avg_trace": r.get("avg_trace"), "stderr": r.get("stderr"),
+                 "rel_stderr": r.get("rel_stderr")}
         if n in alloc:
             i = list(alloc).index(n)
             entry["w_bits"] = sol["bits"][i]
@@ -142,7 +192,7 @@ def allocate(model: nn.Module, sens: dict, cfg: AllocateConfig, model_name: str)
                "target_bits": cfg.target_bits, "solve_seconds": sol["seconds"], "candidate_bits": bits,
                "allocated_layers": len(alloc), "excluded_layers": [n for n in qlayers if n not in alloc],
                "negative_traces_clamped": len(clamped), "clamped_layers": clamped,
-               "negative_traces_rule": cfg.negative_traces,
+               "negative_traces_rule": cfg.negative_traces, "noise": noise, "layers_without_stderr": no_stderr,
                "size_mb": cost["size_bytes"] / 1e6, "gbops": cost["bops"] / 1e9,
                "avg_w_bits_all_quantizable": cost["avg_w_bits"], "input_size": list(cfg.input_size)}
     return make_policy(model_name, layers, "hessian-ilp", summary, metric=cfg.metric, target_bits=cfg.target_bits,

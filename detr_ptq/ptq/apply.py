@@ -39,7 +39,7 @@ class PTQConfig:
     min_size: int = 0  # 0 = the checkpoint's training resize, else 800/1333
     max_size: int = 0
     max_images: int = 0  # 0 = every image of the split
-    out: str = ""  # metrics JSON; "" = runs/ptq/<name>.json
+    out: str = ""  # metrics JSON; "" = runs/ptq/<policy stem | uniform_wN>.ptq_result.json (never a policy path)
     device: str = "cpu"
     num_threads: int = 1
 

@@ -123,6 +123,8 @@ def load_batches(loader: DataLoader, device: str | torch.device = "cpu") -> list
 def checkpoint_resize(checkpoint: str | Path, min_size: int = 0, max_size: int = 0) -> tuple[int, int]:
     """Image resize for a checkpoint: explicit values, else its ``train_config`` (the digits detector trains at
     its canvas size), else the official DETR 800/1333."""
-    raw = torch.load(expand_path(checkpoint), map_location="cpu", weights_only=False)
+    from detr_ptq.models.checkpoint import read_state_dict  # names a missing or unreadable file
+
+    _, _, raw = read_state_dict(expand_path(checkpoint))
     train_cfg = raw.get("train_config", {}) if isinstance(raw, dict) else {}
     return (min_size or train_cfg.get("min_size", 800)), (max_size or train_cfg.get("max_size", 1333))

@@ -1,13 +1,31 @@
-"""Hutchinson estimation of per-layer Hessian traces, all layers from one Rademacher probe per step.
+"""Hutchinson estimation of per-layer Hessian traces ``Tr(H_ll)`` with standard errors.
 
-For a probe ``v`` (entries +-1) over the weights of ALL layers and the Hessian-vector product ``Hv``,
-``v_l . (Hv)_l = v_l^T H_ll v_l + sum_{m != l} v_l^T H_lm v_m``; the cross terms have mean zero because the
-blocks of ``v`` are independent, so ``E[v_l . (Hv)_l] = Tr(H_ll)`` for every layer at the cost of ONE
-Hessian-vector product (two backward passes). The per-layer way of PyHessian spends one product per layer.
+Estimators (``HutchinsonConfig.mode``):
 
-Each step draws a fresh probe and takes the next calibration micro-batch (cycling), so the running mean
-estimates the trace of the Hessian of the mean loss over the calibration set; the standard error is the sample
-standard deviation over steps / sqrt(steps).
+- ``hutch++``: Hutch++ (Meyer, Musco, Musco & Woodruff, 2021) on each layer's block ``H_ll``, from the
+  same single gradient graph per micro-batch: with ``k = probes_per_batch``, ``Q = orth(H_ll S)`` for a
+  Rademacher ``S`` (k columns), then ``Tr(Q^T H_ll Q)`` (k more products) plus Hutchinson on the rest,
+  ``Tr((I - QQ^T) H_ll (I - QQ^T))``, with k fresh probes projected off ``Q``. Unbiased for any ``Q`` (the
+  second part is an unbiased estimate of ``Tr(H_ll) - Tr(Q^T H_ll Q)``), never negative for a positive
+  semi-definite block, and exact when ``k >= n_l``. Per-layer Hessians of trained networks are dominated by a few
+  directions, so the low-rank part can take most of the trace: on ResNet-20 the variance drops by orders of
+  magnitude; on the reference DETR (k = 4) it is no better than ``per-layer`` (benchmarks/bench_hessian.py).
+  3k products per layer and step, in three batched double backwards.
+- ``per-layer`` (default): a Rademacher probe ``v_l`` on ONE layer's weights at a time, ``v_l^T H_ll v_l``, whose
+  mean is ``Tr(H_ll)`` and which has no cross-layer terms, so its variance is PyHessian's per-layer variance and a
+  positive semi-definite block never gets a negative sample. Cost is cut two ways, without changing what is
+  estimated: the gradient graph (forward + first backward with ``create_graph``) is built ONCE per micro-batch and
+  reused by every layer and probe; and the ``probes_per_batch`` probes of a layer go through one batched double
+  backward (``torch.autograd.grad(..., is_grads_batched=True)``, vmap over the probes). The second backward of
+  ``g_l . v_l`` only walks the part of the graph between layer ``l`` and the loss.
+- ``all``: one probe over ALL layers and one Hessian-vector product per step; ``v_l . (Hv)_l`` has mean
+  ``Tr(H_ll)`` but carries the cross terms ``v_l^T H_lm v_m`` (mean 0, large variance: a small layer's estimate
+  can come out negative for a PSD block). Kept for comparison (benchmarks/bench_hessian.py).
+
+Each step takes the next calibration micro-batch (cycling) and ``probes_per_batch`` fresh probes per layer; the
+estimate is the mean over steps of the per-step probe means, so it estimates the trace of the Hessian of the
+mean calibration loss. The standard error is the sample standard deviation of the per-step means / sqrt(steps)
+(it includes the batch-to-batch spread, so it is conservative when every batch is visited equally often).
 """
 
 from __future__ import annotations
@@ -23,25 +41,34 @@ from torch import Tensor, nn
 from gmpq.errors import UserError
 
 LossFn = Callable[[object], Tensor]  # micro-batch -> scalar loss (a graph through the traced weights)
+MODES = ("hutch++", "per-layer", "all")
 
 
 @dataclass
 class HutchinsonConfig:
-    max_probes: int = 50  # Hessian-vector products (one probe + one micro-batch each) at most
+    max_probes: int = 50  # Hessian-vector products per layer at most (all mode: products, each for all layers)
     min_probes: int = 10  # never stop on the tolerance before this many
     tol: float = 0.0  # stop when every layer's relative standard error < tol (0: run max_probes)
     seed: int = 0
+    mode: str = "per-layer"  # per-layer | hutch++ | all (see the module docstring)
+    probes_per_batch: int = 4  # per layer and micro-batch: probes batched in one double backward (hutch++: k)
 
     def __post_init__(self) -> None:
-        if self.max_probes < 1 or self.min_probes < 1:
-            raise ValueError(f"max_probes={self.max_probes} and min_probes={self.min_probes} must be >= 1")
+        if self.max_probes < 1 or self.min_probes < 1 or self.probes_per_batch < 1:
+            raise ValueError(f"max_probes={self.max_probes}, min_probes={self.min_probes} and probes_per_batch="
+                             f"{self.probes_per_batch} must be >= 1")
         if self.tol < 0:
             raise ValueError(f"tol={self.tol} must be >= 0 (0 = fixed number of probes)")
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r} is unknown; accepted: {list(MODES)}")
 
 
-def rademacher_like(params: Sequence[Tensor], gen: torch.Generator) -> list[Tensor]:
-    """One +-1 probe per tensor, drawn on the CPU from ``gen`` (reproducible on any device)."""
-    return [(torch.randint(0, 2, p.shape, generator=gen) * 2.0 - 1.0).to(p.device, p.dtype) for p in params]
+def rademacher_like(params: Sequence[Tensor], gen: torch.Generator, batch: int = 0) -> list[Tensor]:
+    """One +-1 probe per tensor (``[batch, *shape]`` when ``batch`` > 0), drawn on the CPU from ``gen`` (so the
+    same seed gives the same probes on any device)."""
+    lead = (batch,) if batch else ()
+    return [(torch.randint(0, 2, lead + tuple(p.shape), generator=gen) * 2.0 - 1.0).to(p.device, p.dtype)
+            for p in params]
 
 
 def hessian_vector_product(loss: Tensor, params: Sequence[Tensor], vec: Sequence[Tensor]) -> list[Tensor]:
@@ -74,9 +101,80 @@ def probe_all_layers(loss: Tensor, layers: dict[str, list[Tensor]], vec: dict[st
 
 
 def probe_one_layer(loss_fn: Callable[[], Tensor], params: list[Tensor], vec: list[Tensor]) -> float:
-    """``v_l^T H_ll v_l`` for one layer alone (the PyHessian way: its own forward and double backward)."""
+    """``v_l^T H_ll v_l`` for one layer alone, with its own forward and double backward (the plain per-layer loop:
+    the reference that benchmarks/bench_hessian.py compares with)."""
     hv = hessian_vector_product(loss_fn(), params, vec)
     return float(sum((u * h).sum() for u, h in zip(vec, hv)))
+
+
+def probe_per_layer(loss: Tensor, layers: dict[str, list[Tensor]], gen: torch.Generator, probes: int = 1
+                    ) -> dict[str, Tensor]:
+    """``{layer: [probes] samples v_l^T H_ll v_l}``, every layer probed on its own, from ONE gradient graph.
+
+    ``probes`` > 1 batches a layer's probes in one double backward (``is_grads_batched``). A layer the loss does
+    not reach, or reaches only linearly, gets exact zeros.
+    """
+    names = list(layers)
+    flat = [p for n in names for p in layers[n]]
+    grads = torch.autograd.grad(loss, flat, create_graph=True, allow_unused=True)
+    out, i = {}, 0
+    for n in names:
+        ps, gs = layers[n], grads[i:i + len(layers[n])]
+        i += len(ps)
+        vs = rademacher_like(ps, gen, probes)
+        live = [k for k, g in enumerate(gs) if g is not None and g.requires_grad]
+        samples = torch.zeros(probes, dtype=torch.float64)
+        if live:
+            gouts = [vs[k] for k in live] if probes > 1 else [vs[k][0] for k in live]
+            hv = torch.autograd.grad([gs[k] for k in live], [ps[k] for k in live], grad_outputs=gouts,
+                                     retain_graph=True, allow_unused=True, is_grads_batched=probes > 1)
+            for k, h in zip(live, hv):
+                if h is not None:
+                    samples += (vs[k] * h.reshape(vs[k].shape)).flatten(1).sum(1).double().cpu()
+        out[n] = samples
+    return out
+
+
+def hutchpp_per_layer(loss: Tensor, layers: dict[str, list[Tensor]], gen: torch.Generator, k: int = 4
+                      ) -> dict[str, float]:
+    """``{layer: Hutch++ estimate of Tr(H_ll)}`` for every layer, from ONE gradient graph (3k Hessian-vector
+    products per layer, in three batched double backwards). See the module docstring."""
+    names = list(layers)
+    flat = [p for n in names for p in layers[n]]
+    grads = torch.autograd.grad(loss, flat, create_graph=True, allow_unused=True)
+    out, i = {}, 0
+    for n in names:
+        ps, gs = layers[n], grads[i:i + len(layers[n])]
+        i += len(ps)
+        live = [j for j, g in enumerate(gs) if g is not None and g.requires_grad]
+        if not live:
+            out[n] = 0.0
+            continue
+        out[n] = _hutchpp_block([gs[j] for j in live], [ps[j] for j in live], gen, k)
+    return out
+
+
+def _hutchpp_block(grads: list[Tensor], params: list[Tensor], gen: torch.Generator, k: int) -> float:
+    """Hutch++ on the Hessian block of ``params`` (``grads``: their first derivatives, with a graph)."""
+    sizes = [p.numel() for p in params]
+
+    def hvp(m: Tensor) -> Tensor:  # [r, N] -> H m [r, N]
+        gouts = [c.reshape(m.shape[0], *p.shape) for c, p in zip(m.split(sizes, 1), params)]
+        hv = torch.autograd.grad(grads, params, grad_outputs=gouts, retain_graph=True, is_grads_batched=True,
+                                 allow_unused=True)
+        return torch.cat([(h if h is not None else torch.zeros_like(g)).reshape(m.shape[0], -1)
+                          for h, g in zip(hv, gouts)], 1)
+
+    def probes() -> Tensor:
+        return torch.cat([v.reshape(k, -1) for v in rademacher_like(params, gen, k)], 1)
+
+    dtype = params[0].dtype
+    q = torch.linalg.qr(hvp(probes()).T.double()).Q.T.to(dtype)  # [min(k, N), N], orthonormal rows
+    low_rank = float((q * hvp(q)).sum())
+    g = probes()
+    g = g - (g @ q.T) @ q  # (I - QQ^T) g: E[g g^T] = I - QQ^T
+    rest = float((g * hvp(g)).sum(1).mean()) if q.shape[0] < g.shape[1] else 0.0
+    return low_rank + rest
 
 
 class RunningStats:
@@ -103,36 +201,44 @@ class RunningStats:
 
 
 def hutchinson_traces(loss_fn: LossFn, batches: Sequence, layers: dict[str, list[Tensor]], cfg: HutchinsonConfig,
-                      mode: str = "all", progress: Callable[[int, RunningStats], None] | None = None) -> dict:
+                      mode: str | None = None, progress: Callable[[int, RunningStats], None] | None = None) -> dict:
     """Estimate ``Tr(H_ll)`` for every layer ``l``.
 
     ``loss_fn(batch)`` returns a scalar loss whose graph reaches the tensors in ``layers`` (``{name: [weight]}``,
-    each requiring grad). ``mode="all"``: one Hessian-vector product per step for all layers; ``"per-layer"``:
-    one per layer per step (PyHessian's way, for comparison and benchmarks).
+    each requiring grad). ``mode`` overrides ``cfg.mode`` (``per-layer`` or ``all``, see the module docstring).
 
-    Returns ``{"layers": {name: {"trace", "avg_trace", "stderr", "rel_stderr", "params"}}, "probes": steps,
-    "hvps": Hessian-vector products spent, "seconds", "stopped": "max_probes" | "tol"}``.
+    Returns ``{"layers": {name: {"trace", "avg_trace", "stderr", "rel_stderr", "params"}}, "probes": probes per
+    layer, "steps": micro-batches used, "hvps": Hessian-vector products (one per probe and layer in per-layer
+    mode), "seconds", "stopped": "max_probes" | "tol", "mode"}``. ``stderr`` is null after a single step.
     """
-    if mode not in ("all", "per-layer"):
-        raise UserError(f"Hutchinson mode {mode!r} is unknown; accepted: ['all', 'per-layer']")
+    mode = mode or cfg.mode
+    if mode not in MODES:
+        raise UserError(f"Hutchinson mode {mode!r} is unknown; accepted: {list(MODES)}")
     if not batches:
         raise UserError("Hutchinson estimation needs at least one calibration micro-batch; got none")
     gen = torch.Generator().manual_seed(cfg.seed)
     stats = RunningStats(list(layers))
+    per_step = {"all": 1, "per-layer": min(cfg.probes_per_batch, cfg.max_probes),
+                "hutch++": 3 * cfg.probes_per_batch}[mode]  # products per layer and step
+    steps = max(math.ceil(cfg.max_probes / per_step), 1)
     t0, hvps, stopped = time.perf_counter(), 0, "max_probes"
-    for step in range(cfg.max_probes):
+    for step in range(steps):
         batch = batches[step % len(batches)]
-        vec = {n: rademacher_like(ps, gen) for n, ps in layers.items()}
         if mode == "all":
+            vec = {n: rademacher_like(ps, gen) for n, ps in layers.items()}
             sample = probe_all_layers(loss_fn(batch), layers, vec)
             hvps += 1
+        elif mode == "hutch++":
+            sample = hutchpp_per_layer(loss_fn(batch), layers, gen, cfg.probes_per_batch)
+            hvps += per_step * len(layers)
         else:
-            sample = {n: probe_one_layer(lambda b=batch: loss_fn(b), layers[n], vec[n]) for n in layers}
-            hvps += len(layers)
+            sample = {n: float(s.mean()) for n, s in probe_per_layer(loss_fn(batch), layers, gen, per_step).items()}
+            hvps += per_step * len(layers)
         stats.add(sample)
         if progress is not None:
             progress(step, stats)
-        if cfg.tol > 0 and stats.n >= cfg.min_probes and all(stats.rel_stderr(n) < cfg.tol for n in layers):
+        if (cfg.tol > 0 and stats.n * per_step >= cfg.min_probes and stats.n > 1
+                and all(stats.rel_stderr(n) < cfg.tol for n in layers)):
             stopped = "tol"
             break
     result = {}
@@ -140,12 +246,12 @@ def hutchinson_traces(loss_fn: LossFn, batches: Sequence, layers: dict[str, list
         count = sum(p.numel() for p in ps)
         result[n] = {"trace": stats.mean[n], "avg_trace": stats.mean[n] / count, "stderr": _json(stats.stderr(n)),
                      "rel_stderr": _json(stats.rel_stderr(n)), "params": count}
-    return {"layers": result, "probes": stats.n, "hvps": hvps, "seconds": time.perf_counter() - t0,
-            "stopped": stopped, "mode": mode}
+    return {"layers": result, "probes": stats.n * per_step, "steps": stats.n, "hvps": hvps,
+            "seconds": time.perf_counter() - t0, "stopped": stopped, "mode": mode}
 
 
 def _json(x: float) -> float | None:
-    """inf (one probe: no spread yet; zero mean: no relative error) is written as null, which JSON can hold."""
+    """inf (one step: no spread yet; zero mean: no relative error) is written as null, which JSON can hold."""
     return x if math.isfinite(x) else None
 
 

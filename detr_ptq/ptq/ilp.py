@@ -9,6 +9,12 @@ Variables ``x[l, j]`` in {0, 1}: layer ``l`` gets candidate bit-width ``bits[j]`
                 fixed_bops + sum bops_per_bit[l] bits[j] x[l, j]   <= max_bops            (optional)
 
 ``bops_per_bit[l]`` is MACs x activation bits of the layer, so ``bops_per_bit * w_bits`` is its BOPs.
+
+Exactness: Omega spans many decades (traces and quantization errors both do), while HiGHS's stopping gap and
+reduced-cost tests are absolute. The solver therefore minimises the excess over each layer's cheapest choice
+and solves twice, the second time with the costs scaled so that the first answer's objective is 1e4
+(``_solve_exact``); tests compare it with brute force and with an independent dynamic program over the integer
+budget on instances whose Omega spans 8 decades (100 layers x bits {3, 4, 5, 6}).
 """
 
 from __future__ import annotations
@@ -76,20 +82,14 @@ def solve_bit_allocation(omega: np.ndarray, params: np.ndarray, bits: Sequence[i
         raise UserError(f"the bit allocation budget is infeasible ({text}); feasible average-bit targets are "
                         f"{lo:g} to {hi:g}, and size/BOPs budgets must admit the all-{lo:g}-bit model")
 
-    scale = omega.max() if omega.max() > 0 else 1.0  # HiGHS tolerances are absolute: keep costs O(1)
-    c = (omega / scale).ravel()
-    one_hot = np.kron(np.eye(n_layers), np.ones((1, n_bits)))
     t0 = time.perf_counter()
+    excess = omega - omega.min(1, keepdims=True)  # a per-layer constant does not change which bits are best
+    one_hot = np.kron(np.eye(n_layers), np.ones((1, n_bits)))
     for slack in (0.0, 1e-6):  # HiGHS accepts rows violated within its feasibility tolerance: retry tighter
         cons = [LinearConstraint(one_hot, 1, 1)]
         cons += [LinearConstraint(row[None, :], -np.inf, ub - slack * abs(ub)) for _, row, ub, _ in rows]
-        res = milp(c, integrality=np.ones_like(c), bounds=Bounds(0, 1), constraints=cons,
-                   options={"mip_rel_gap": 0.0, "time_limit": time_limit})
-        if res.x is None:
-            raise UserError(f"the bit allocation ILP has no solution (HiGHS status {res.status}: "
-                            f"{STATUS.get(res.status, res.message)}); feasible average-bit targets are "
-                            f"{lo:g} to {hi:g}")
-        flat = (omega.max(1) - omega.min(1) <= 1e-12 * scale).any()
+        c, res = _solve_exact(excess, cons, time_limit, lo, hi)
+        flat = (excess.max(1) <= 1e-12 * max(excess.max(), 1e-300)).any()
         if fill_budget and flat and res.status == 0:
             res = _fill_budget(c, res, cons, params, bits_arr)
         choice = res.x.reshape(n_layers, n_bits).argmax(1)
@@ -105,6 +105,40 @@ def solve_bit_allocation(omega: np.ndarray, params: np.ndarray, bits: Sequence[i
             "objective": float(omega[np.arange(n_layers), choice].sum()), "avg_bits": avg, "seconds": seconds}
 
 
+OBJECTIVE_SCALE = 1e4  # the optimal objective, rescaled, that the second solve sees
+
+
+def _milp(c: np.ndarray, cons: list, time_limit: float, lo: float, hi: float):
+    res = milp(c, integrality=np.ones_like(c), bounds=Bounds(0, 1), constraints=cons,
+               options={"mip_rel_gap": 0.0, "time_limit": time_limit})
+    if res.x is None:
+        raise UserError(f"the bit allocation ILP has no solution (HiGHS status {res.status}: "
+                        f"{STATUS.get(res.status, res.message)}); feasible average-bit targets are "
+                        f"{lo:g} to {hi:g}")
+    return res
+
+
+def _solve_exact(excess: np.ndarray, cons: list, time_limit: float, lo: float, hi: float):
+    """-> (costs as solved, HiGHS result) for ``min sum excess x``, optimal to ~1e-10 of the objective.
+
+    HiGHS stops when the incumbent is within an ABSOLUTE gap of 1e-6 of its bound (``mip_abs_gap``, which
+    scipy does not expose) and judges reduced costs with absolute tolerances. Scaled by the largest cost, an
+    objective made of low-sensitivity layers can be ~1e-4, so allocations up to 1e-2 worse passed as optimal.
+    So: solve once scaled by the largest cost, then again scaled so that the first solution's objective is
+    ``OBJECTIVE_SCALE`` (1e4): the absolute gap is then 1e-10 of the objective, whatever the spread of Omega.
+    """
+    top = float(excess.max())
+    c = (excess / (top if top > 0 else 1.0)).ravel()
+    res = _milp(c, cons, time_limit, lo, hi)
+    obj = float(c @ np.round(res.x))
+    if res.status == 0 and obj > 0:
+        c = c * (OBJECTIVE_SCALE / obj)
+        res2 = _milp(c, cons, time_limit, lo, hi)
+        if float(c @ np.round(res2.x)) <= OBJECTIVE_SCALE:  # never keep a worse answer
+            res = res2
+    return c, res
+
+
 def _fill_budget(c: np.ndarray, res, cons: list, params: np.ndarray, bits: np.ndarray):
     """Second stage: maximize the parameter-weighted bits subject to the first stage's objective (+ 1e-9).
 
@@ -112,7 +146,12 @@ def _fill_budget(c: np.ndarray, res, cons: list, params: np.ndarray, bits: np.nd
     relative gap (1e-4 x the average bits) or after 2 s, keeping the best allocation found; the first stage's
     objective is guaranteed either way."""
     bonus = -(params[:, None] * bits[None, :]).ravel() / params.sum()
-    cap = LinearConstraint(c[None, :], -np.inf, float(c @ res.x) * (1 + 1e-9) + 1e-12)
+    obj = float(c @ np.round(res.x))
+    if obj > 0:  # c is scaled so that obj = OBJECTIVE_SCALE: 1e-9 of it is far above HiGHS's tolerances
+        cap = LinearConstraint(c[None, :], -np.inf, obj * (1 + 1e-9))
+    else:  # optimum 0: only zero-cost choices; scaled so the smallest positive cost (1) cannot hide in tolerances
+        positive = c[c > 0]
+        cap = LinearConstraint((c / positive.min() if positive.size else c)[None, :], -np.inf, 1e-3)
     res2 = milp(bonus, integrality=np.ones_like(c), bounds=Bounds(0, 1), constraints=[*cons, cap],
                 options={"mip_rel_gap": 1e-4, "time_limit": 2.0})
     return res2 if res2.x is not None and float(bonus @ res2.x) <= float(bonus @ res.x) else res

@@ -5,7 +5,9 @@ Metrics (a small registry; an unknown name lists the valid ones):
 - ``loss``: DETR's training loss (Hungarian matching + set criterion, weighted as in training) at the float
   weights;
 - ``output-float``: the distillation loss of Eq. 5 between a student copy and the float teacher, at the float
-  weights (student == teacher: value and gradient are 0, the Hessian is not);
+  weights (student == teacher: value and gradient are 0, the Hessian is not); its box term is the
+  twice-differentiable Smooth-L1 surrogate of ``detr_ptq.ptq.distill`` (``distill.box_loss``), because the L1 of
+  Eq. 5 has no second derivative; ``loss_value`` reports Eq. 5 with L1;
 - ``output-quant``: the same loss with the student's weights at their 8-bit values ``W_q8`` (Eq. 6 symmetric,
   per tensor, via ``gmpq.quant.functional.symmetric_fake_quant``), teacher float. Layers in ``exclude`` (the
   heads, kept full precision) stay float in the student.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -26,14 +29,14 @@ import torch
 from torch import Tensor, nn
 
 import detr_ptq.models.qattention  # noqa: F401  (registers the attention with gmpq.quant)
-from detr_ptq.models.criterion import weighted_total
 from detr_ptq.ptq.calibset import CalibConfig
 from detr_ptq.ptq.diagnose import locate_non_twice_differentiable, raise_not_twice_differentiable
-from detr_ptq.ptq.distill import DistillConfig, distill_loss
+from detr_ptq.ptq.distill import DistillConfig, box_residuals, distill_loss
 from detr_ptq.ptq.hutchinson import HutchinsonConfig, hutchinson_traces, traced_weights
 from gmpq.errors import UserError
 from gmpq.quant.functional import symmetric_fake_quant
 from gmpq.quant.modules import quantizable_layers
+from gmpq.runtime.terms import weighted_total
 
 METRICS = ("loss", "output-float", "output-quant")
 DEFAULT_EXCLUDE = ["class_embed", "bbox_embed.*"]  # the final class and box heads stay full precision
@@ -80,13 +83,15 @@ def _forward(model: nn.Module, batch) -> dict:
 
 
 def metric_loss(name: str, model: nn.Module, criterion: nn.Module, cfg: SensitivityConfig
-                ) -> tuple[nn.Module, Callable[[object], Tensor]]:
-    """-> (the student whose weights are traced, loss_fn(batch) -> scalar)."""
+                ) -> tuple[nn.Module, Callable[..., Tensor]]:
+    """-> (the student whose weights are traced, ``loss_fn(batch) -> scalar``). For the ``output-*`` metrics
+    ``loss_fn(batch, box_loss="l1", residuals=list)`` gives Eq. 5 as written and appends the box residuals
+    ``|b_s - b_t|`` (flattened) to ``residuals``; the ``loss`` metric ignores both."""
     if name not in METRICS:
         raise UserError(f"sensitivity metric {name!r} is unknown; accepted: {list(METRICS)}")
     student = copy.deepcopy(model).float().eval()
     if name == "loss":
-        def loss_fn(batch) -> Tensor:
+        def loss_fn(batch, box_loss: str | None = None, residuals: list | None = None) -> Tensor:
             return weighted_total(criterion(_forward(student, batch), batch[2]), criterion.weight_dict)
         return student, loss_fn
     teacher = copy.deepcopy(model).float().eval()
@@ -101,8 +106,11 @@ def metric_loss(name: str, model: nn.Module, criterion: nn.Module, cfg: Sensitiv
                 cache[key] = _forward(teacher, batch)
         return cache[key]
 
-    def distill_fn(batch) -> Tensor:
-        return distill_loss(_forward(student, batch), teacher_out(batch), cfg.distill)
+    def distill_fn(batch, box_loss: str | None = None, residuals: list | None = None) -> Tensor:
+        out_s, out_t = _forward(student, batch), teacher_out(batch)
+        if residuals is not None:
+            residuals.append(box_residuals(out_s, out_t).detach())
+        return distill_loss(out_s, out_t, cfg.distill, box_loss)
     return student, distill_fn
 
 
@@ -123,7 +131,9 @@ def check_twice_differentiable(model: nn.Module, batch) -> None:
 def layer_traces(model: nn.Module, criterion: nn.Module, batches: Sequence, metric: str, cfg: SensitivityConfig,
                  progress: Callable | None = None, check: bool = True) -> dict:
     """Hutchinson traces of ``metric`` for every quantizable layer of ``model`` (see ``hutchinson_traces``),
-    plus ``loss_value``: the metric's mean over the calibration batches at the traced point.
+    plus ``loss_value``: the metric's mean over the calibration batches at the traced point (Eq. 5 with L1 for
+    the ``output-*`` metrics), and for those the box residuals at that point against ``distill.box_beta``
+    (``box_residual_max``, ``box_residual_share_outside_beta``: the share outside the Huber quadratic zone).
     ``check``: first verify that every module of the model is twice differentiable."""
     if check:
         check_twice_differentiable(model, batches[0])
@@ -131,15 +141,27 @@ def layer_traces(model: nn.Module, criterion: nn.Module, batches: Sequence, metr
     layers = traced_weights(student, quantizable_layers(student))
     if not layers:
         raise UserError("the model has no quantizable layers (Conv2d, Linear or registered types) to trace")
+    residuals: list[Tensor] = []
     with torch.no_grad():
-        value = sum(float(loss_fn(b)) for b in batches) / len(batches)
+        value = sum(float(loss_fn(b, box_loss="l1", residuals=residuals)) for b in batches) / len(batches)
+    extra: dict = {}
+    if residuals:
+        r = torch.cat(residuals)
+        extra = {"box_loss": cfg.distill.box_loss, "box_beta": cfg.distill.box_beta,
+                 "box_residual_max": float(r.max()),
+                 "box_residual_share_outside_beta": float((r >= cfg.distill.box_beta).double().mean())}
+        if cfg.distill.box_loss == "smooth_l1" and extra["box_residual_share_outside_beta"] > 0.01:
+            warnings.warn(f"{metric}: {100 * extra['box_residual_share_outside_beta']:.1f}% of the box residuals are "
+                          f"outside the Smooth-L1 quadratic zone (box_beta={cfg.distill.box_beta}, largest "
+                          f"{extra['box_residual_max']:.3g}): their Hessian terms are indefinite; raise "
+                          f"distill.box_beta", stacklevel=2)
     try:
         result = hutchinson_traces(loss_fn, batches, layers, cfg.hutchinson, progress=progress)
     except RuntimeError as e:
         if "differentiate" not in str(e) and "derivative" not in str(e) and "double backward" not in str(e):
             raise
         raise_not_twice_differentiable(student, lambda: loss_fn(batches[0]), e, f"{metric!r} loss")
-    return {"metric": metric, "loss_value": value, **result}
+    return {"metric": metric, "loss_value": value, **extra, **result}
 
 
 def sensitivity(model: nn.Module, criterion: nn.Module, batches: Sequence, cfg: SensitivityConfig,

@@ -17,6 +17,7 @@ from detr_ptq.ptq.calibset import calibration_loader, checkpoint_resize, load_ba
 from detr_ptq.ptq.plots import plot_bits, plot_traces
 from detr_ptq.ptq.sensitivity import SensitivityConfig, sensitivity
 from gmpq.config import save_config
+from gmpq.errors import UserError
 from gmpq.io import atomic_write_json, ensure_writable_dir, read_json
 from gmpq.paths import expand_path
 from gmpq.quant.policy import load_policy, save_policy
@@ -75,12 +76,40 @@ def run_allocate(cfg: AllocateRun, log=print) -> dict:
     log(f"ILP {s['status']}: objective {s['objective']:.6g}, average bits {s['avg_w_bits']:.3f} (target "
         f"{s['target_bits']:g}, candidates {s['candidate_bits']}), solved in {s['solve_seconds'] * 1e3:.1f} ms; "
         f"{s['negative_traces_clamped']} negative trace(s) clamped")
+    noise = s["noise"]
+    if noise["draws"]:
+        log(f"trace noise: {100 * noise['same_allocation']:.0f}% of {noise['draws']} re-solves with traces drawn from "
+            f"their standard errors give the same allocation ({noise['mean_changed_layers']:.1f} layers change on "
+            f"average)")
     return {"path": str(out), **s}
 
 
+def ptq_result_path(cfg: PTQConfig) -> Path:
+    """Where ``ptq`` writes its metrics: ``cfg.out``, else ``runs/ptq/<policy stem | uniform_wN>.ptq_result.json``.
+
+    The file holds metrics, not a policy, so it never takes the policy's own path or that of any other policy
+    file (``UserError``)."""
+    name = Path(cfg.policy).stem if cfg.policy else f"uniform_w{cfg.w_bits}"
+    out = Path(expand_path(cfg.out or f"runs/ptq/{name}.ptq_result.json"))
+    if cfg.policy and out.resolve() == Path(expand_path(cfg.policy)).resolve():
+        raise UserError(f"--out {str(out)!r} is the policy file itself; `detr-ptq ptq` writes metrics, not a policy: "
+                        f"pass another path (default: runs/ptq/{name}.ptq_result.json)")
+    if out.is_file():
+        try:
+            existing = json.loads(out.read_text())
+        except (OSError, ValueError):
+            existing = None
+        if isinstance(existing, dict) and str(existing.get("format", "")).startswith("gmpq-policy"):
+            raise UserError(f"--out {str(out)!r} holds a policy ({existing['format']}); `detr-ptq ptq` would overwrite "
+                            f"it with metrics: pass another path")
+    return out
+
+
 def run_ptq(cfg: PTQConfig, log=print) -> dict:
-    """checkpoint + policy (or uniform bits) -> COCO metrics JSON (and ``config.yaml`` beside it)."""
+    """checkpoint + policy (or uniform bits) -> COCO metrics ``<out>`` (default
+    ``runs/ptq/<name>.ptq_result.json``) and ``<out stem>.config.yaml`` beside it."""
     torch.set_num_threads(cfg.num_threads)
+    out = ptq_result_path(cfg)  # checked before the (long) evaluation
     min_size, max_size = checkpoint_resize(cfg.checkpoint, cfg.min_size, cfg.max_size)
     model, _, post, dcfg = load_float(cfg.checkpoint, cfg.config)
     if cfg.policy:
@@ -91,8 +120,6 @@ def run_ptq(cfg: PTQConfig, log=print) -> dict:
     loader, gt = eval_loader(cfg.coco_dir, cfg.split, min_size, max_size, cfg.batch_size, cfg.max_images)
     t0 = time.perf_counter()
     metrics = evaluate_detr(model, post, loader, gt, cfg.device)
-    name = Path(cfg.policy).stem if cfg.policy else f"uniform_w{cfg.w_bits}"
-    out = Path(expand_path(cfg.out or f"runs/ptq/{name}.json"))
     result = {"checkpoint": cfg.checkpoint, "policy": cfg.policy or None, "source": source, "split": cfg.split,
               "images": len(gt["images"]), "eval_seconds": round(time.perf_counter() - t0, 1), **metrics}
     atomic_write_json(out, result)

@@ -3,8 +3,12 @@
 Float, uniform 8/6/5/4-bit weights (heads full precision), and the Hessian-ILP policy of each metric
 (``loss``, ``output-float``, ``output-quant``) at average targets 6, 5 and 4 bits; every model is evaluated
 with COCO box AP on the same split. Delta = AP of the policy - AP of the uniform model at the same average bits.
-Writes ``sensitivity.json``, ``fig1_traces.png``, one policy per (metric, target), ``fig2_bits_w{t}.png``,
-``table.md``, ``table.json`` and ``config.yaml`` into ``out_dir``.
+
+The sensitivities are Monte Carlo estimates on a calibration sample, so the ILP rows are repeated over ``draws``
+calibration draws (draw d: calibration seed ``calib.seed + d``, probe seed ``hutchinson.seed + d``) and reported
+as mean, standard deviation and range over the draws; float and uniform rows do not depend on the calibration.
+Writes ``sensitivity_draw{d}.json``, ``fig1_traces.png`` (draw 0), one policy per (metric, target, draw),
+``fig2_bits_w{t}.png`` (draw 0), ``table.md``, ``table.json`` and ``config.yaml`` into ``out_dir``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from detr_ptq.ptq.allocate import AllocateConfig, allocate
@@ -51,6 +56,11 @@ class TableConfig:
     max_size: int = 0
     device: str = "cpu"  # e.g. cuda for DETR-R50 on COCO
     num_threads: int = 1
+    draws: int = 3  # calibration draws (calibration set and probes) for the ILP rows
+
+    def __post_init__(self) -> None:
+        if self.draws < 1:
+            raise ValueError(f"draws={self.draws} must be >= 1")
 
 
 def _ap(metrics: dict) -> float:
@@ -83,62 +93,109 @@ def run_table(cfg: TableConfig, log: Callable[[str], None] = print) -> dict:
     for b in cfg.uniform_bits:
         run(f"uniform W{b}", "uniform", float(b), uniform_detr_policy(model, dcfg.name, b, cfg.exclude))
 
-    calib = dataclasses.replace(cfg.calib, min_size=cfg.calib.min_size or min_size,
-                                max_size=cfg.calib.max_size or max_size)
-    calib_loader, calib_report = calibration_loader(calib, calib.min_size, calib.max_size)
-    log(f"calibration: {calib_report['used']} images of {calib_report['available']} "
-        f"(class TV distance {calib_report['tv_to_folder']:.3f}, random sample {calib_report['tv_random_sample']:.3f})")
-    scfg = SensitivityConfig(checkpoint=cfg.checkpoint, config=cfg.config, out_dir=str(out),
-                             metrics=list(cfg.metrics), exclude=list(cfg.exclude), calib=calib,
-                             hutchinson=cfg.hutchinson, distill=cfg.distill, device=cfg.device,
-                             num_threads=cfg.num_threads)
-    sens = sensitivity(model, criterion, load_batches(calib_loader, cfg.device), scfg)
-    sens["calibration"] = calib_report
-    atomic_write_json(out / "sensitivity.json", sens)
-    plot_traces(sens, out / "fig1_traces.png")
-    for metric in cfg.metrics:
-        r = sens["metrics"][metric]
-        log(f"sensitivity {metric}: {r['hvps']} HVPs in {r['seconds']:.1f} s, loss {r['loss_value']:.4g}")
-
-    input_size = [3, min_size, max_size]
-    for target in cfg.targets:
-        policies = {}
-        for metric in cfg.metrics:
-            acfg = dataclasses.replace(cfg.allocate, metric=metric, target_bits=target, exclude=list(cfg.exclude),
-                                       input_size=input_size)
-            policy = allocate(model, sens, acfg, dcfg.name)
-            save_policy(policy, out / f"policy_{metric}_w{target:g}.json")
-            policies[metric] = policy
-            row = run(f"ILP {metric} W{target:g}", f"ilp-{metric}", policy["summary"]["avg_w_bits"], policy)
-            row["target_bits"] = target
-        plot_bits(policies, out / f"fig2_bits_w{target:g}.png")
-
     uniform_ap = {r["avg_bits"]: _ap(r) for r in rows if r["method"] == "uniform"}
-    for r in rows:
-        if r["method"].startswith("ilp-") and r["target_bits"] in uniform_ap:
-            r["delta_ap_vs_uniform"] = _ap(r) - uniform_ap[r["target_bits"]]
-    md = format_table(rows, dcfg.name, cfg)
+    for draw in range(cfg.draws):
+        sens = _draw_sensitivity(cfg, model, criterion, min_size, max_size, draw, out, log)
+        input_size = [3, min_size, max_size]
+        for target in cfg.targets:
+            policies = {}
+            for metric in cfg.metrics:
+                acfg = dataclasses.replace(cfg.allocate, metric=metric, target_bits=target,
+                                           exclude=list(cfg.exclude), input_size=input_size)
+                policy = allocate(model, sens, acfg, dcfg.name)
+                save_policy(policy, out / f"policy_{metric}_w{target:g}_draw{draw}.json")
+                policies[metric] = policy
+                row = run(f"ILP {metric} W{target:g} draw {draw}", f"ilp-{metric}", policy["summary"]["avg_w_bits"],
+                          policy)
+                s = policy["summary"]
+                row.update({"target_bits": target, "draw": draw, "negative_traces": s["negative_traces_clamped"],
+                            "same_allocation_under_noise": s["noise"]["same_allocation"]})
+                if target in uniform_ap:
+                    row["delta_ap_vs_uniform"] = _ap(row) - uniform_ap[target]
+            if draw == 0:
+                plot_bits(policies, out / f"fig2_bits_w{target:g}.png")
+    summary = summarize_draws(rows)
+    md = format_table(rows, summary, dcfg.name, cfg)
     atomic_write_text(out / "table.md", md)
     atomic_write_json(out / "table.json", {"model": dcfg.name, "checkpoint": cfg.checkpoint, "split": cfg.split,
-                                           "images": len(gt["images"]), "rows": rows})
-    return {"rows": rows, "markdown": md, "out_dir": str(out)}
+                                           "images": len(gt["images"]), "draws": cfg.draws, "rows": rows,
+                                           "summary": summary})
+    return {"rows": rows, "summary": summary, "markdown": md, "out_dir": str(out)}
 
 
-def format_table(rows: list[dict], model_name: str, cfg: TableConfig) -> str:
-    """Markdown in the layout of the paper's Table 1 (AP in points, 0-100)."""
-    lines = [f"{model_name}, weight-only PTQ, COCO box AP on `{cfg.split}` (heads full precision)", "",
-             "| W bits (target) | method | avg W bits | AP | AP50 | AP75 | delta AP vs uniform |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+def _draw_sensitivity(cfg: TableConfig, model, criterion, min_size: int, max_size: int, draw: int, out, log
+                      ) -> dict:
+    """Calibration draw ``draw``: its calibration set and probes -> ``sensitivity_draw{draw}.json``."""
+    calib = dataclasses.replace(cfg.calib, min_size=cfg.calib.min_size or min_size,
+                                max_size=cfg.calib.max_size or max_size, seed=cfg.calib.seed + draw)
+    calib_loader, calib_report = calibration_loader(calib, calib.min_size, calib.max_size)
+    log(f"draw {draw}: calibration {calib_report['used']} images of {calib_report['available']} (class TV distance "
+        f"{calib_report['tv_to_folder']:.3f}, random sample {calib_report['tv_random_sample']:.3f})")
+    hcfg = dataclasses.replace(cfg.hutchinson, seed=cfg.hutchinson.seed + draw)
+    scfg = SensitivityConfig(checkpoint=cfg.checkpoint, config=cfg.config, out_dir=str(out),
+                             metrics=list(cfg.metrics), exclude=list(cfg.exclude), calib=calib,
+                             hutchinson=hcfg, distill=cfg.distill, device=cfg.device, num_threads=cfg.num_threads)
+    sens = sensitivity(model, criterion, load_batches(calib_loader, cfg.device), scfg)
+    sens["calibration"] = calib_report
+    atomic_write_json(out / f"sensitivity_draw{draw}.json", sens)
+    if draw == 0:
+        plot_traces(sens, out / "fig1_traces.png")
+    for metric in cfg.metrics:
+        r = sens["metrics"][metric]
+        log(f"draw {draw} sensitivity {metric}: {r['hvps']} HVPs in {r['seconds']:.1f} s, loss {r['loss_value']:.4g}")
+    return sens
 
-    def fmt(v: float | None) -> str:
-        return "n/a" if v is None else f"{100 * v:.1f}"
+
+def _stats(xs: list[float]) -> dict:
+    a = np.asarray(xs, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "min": float(a.min()),
+            "max": float(a.max()), "n": len(a)}
+
+
+def summarize_draws(rows: list[dict]) -> list[dict]:
+    """One entry per (method, target) of the ILP rows: AP, delta AP, average bits, negative traces and the share of
+    noise re-solves giving the same allocation, each as mean / std (ddof 1) / min / max over the draws."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "draw" in r:
+            groups.setdefault((r["method"], r["target_bits"]), []).append(r)
+    out = []
+    for (method, target), rs in groups.items():
+        entry = {"method": method, "target_bits": target, "AP": _stats([_ap(r) for r in rs]),
+                 "AP50": _stats([100 * float(r.get("AP50") or 0) for r in rs]),
+                 "avg_bits": _stats([r["avg_bits"] for r in rs]),
+                 "negative_traces": _stats([r["negative_traces"] for r in rs]),
+                 "same_allocation_under_noise": _stats([r["same_allocation_under_noise"] or 0.0 for r in rs])}
+        if all("delta_ap_vs_uniform" in r for r in rs):
+            entry["delta_ap_vs_uniform"] = _stats([r["delta_ap_vs_uniform"] for r in rs])
+        out.append(entry)
+    return out
+
+
+def format_table(rows: list[dict], summary: list[dict], model_name: str, cfg: TableConfig) -> str:
+    """Markdown in the layout of the paper's Table 1 (AP in points, 0-100); ILP rows as mean +- std over the
+    calibration draws, with the range."""
+    lines = [f"{model_name}, weight-only PTQ, COCO box AP on `{cfg.split}` (heads full precision); ILP rows: mean "
+             f"+- std (min..max) over {cfg.draws} calibration draw(s)", "",
+             "| W bits (target) | method | avg W bits | AP | AP50 | delta AP vs uniform | negative traces | "
+             "same allocation under trace noise |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+
+    def pm(st: dict, digits: int = 1) -> str:
+        if st["n"] == 1:
+            return f"{st['mean']:.{digits}f}"
+        return f"{st['mean']:.{digits}f} +- {st['std']:.{digits}f} ({st['min']:.{digits}f}..{st['max']:.{digits}f})"
 
     for r in rows:
-        target = "32" if r["method"] == "float" else (f"{r['target_bits']:g}" if "target_bits" in r
-                                                     else f"{r['avg_bits']:g}")
-        delta = f"{r['delta_ap_vs_uniform']:+.1f}" if "delta_ap_vs_uniform" in r else ""
-        method = {"float": "full precision", "uniform": "uniform"}.get(r["method"], r["method"].replace("ilp-",
-                                                                                                        "ILP, "))
-        lines.append(f"| {target} | {method} | {r['avg_bits']:.2f} | {fmt(r.get('AP'))} | {fmt(r.get('AP50'))} | "
-                     f"{fmt(r.get('AP75'))} | {delta} |")
+        if "draw" in r:
+            continue
+        target = "32" if r["method"] == "float" else f"{r['avg_bits']:g}"
+        method = "full precision" if r["method"] == "float" else "uniform"
+        lines.append(f"| {target} | {method} | {r['avg_bits']:.2f} | {_ap(r):.1f} | "
+                     f"{100 * float(r.get('AP50') or 0):.1f} |  |  |  |")
+    for e in summary:
+        delta = pm(e["delta_ap_vs_uniform"]) if "delta_ap_vs_uniform" in e else ""
+        lines.append(f"| {e['target_bits']:g} | ILP, {e['method'].replace('ilp-', '')} | {e['avg_bits']['mean']:.2f} | "
+                     f"{pm(e['AP'])} | {pm(e['AP50'])} | {delta} | {e['negative_traces']['mean']:.1f} | "
+                     f"{100 * e['same_allocation_under_noise']['mean']:.0f}% |")
     return "\n".join(lines) + "\n"

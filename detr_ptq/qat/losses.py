@@ -1,6 +1,6 @@
 """QAT loss terms: DETR's set loss plus Q-DETR's foreground-aware query-matching distillation.
 
-Terms come back as one dict of unweighted tensors; ``total_loss`` applies the weights (the criterion's
+Terms come back as one dict of unweighted tensors; the training engine applies the weights (the criterion's
 ``weight_dict`` and ``distill_weight``) in the one place where weighting happens.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from detr_ptq.models.criterion import weighted_total
 from detr_ptq.qat.align import is_decoder_cross_attention
 from detr_ptq.qat.fqm import fqm_distill_loss, pad_targets
 
@@ -58,11 +57,3 @@ def distill_term(student_out: dict, teacher_out: dict, student_feats: Tensor, te
     layers = s_boxes.shape[0]  # without auxiliary outputs only the last layer has boxes
     gt, valid = pad_targets(targets, s_boxes.device)
     return fqm_distill_loss(student_feats[-layers:], teacher_feats[-layers:], s_boxes, t_boxes, gt, valid, tau)
-
-
-def total_loss(terms: dict[str, Tensor], weight_dict: dict[str, float], distill_weight: float) -> Tensor:
-    """Set loss (criterion weights) + ``distill_weight`` x distillation: the one place weights are applied."""
-    loss = weighted_total(terms, weight_dict)
-    if "distill" in terms:
-        loss = loss + distill_weight * terms["distill"]
-    return loss

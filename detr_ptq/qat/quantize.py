@@ -21,7 +21,7 @@ from detr_ptq.models.attention import MultiheadAttention
 from detr_ptq.qat.config import QATConfig
 from gmpq.errors import UserError
 from gmpq.quant.calibrate import calibrate
-from gmpq.quant.functional import FULL_PRECISION
+from gmpq.quant.functional import ALLOWED_BITS, FULL_PRECISION
 from gmpq.quant.modules import quantizable_layers, quantizers
 from gmpq.quant.policy import apply_policy, check_schema, load_policy, make_policy, resolve_policy
 from gmpq.quant.quantizers import ActQuantizer, WeightQuantizer
@@ -35,6 +35,16 @@ _PART_RULES: tuple[tuple[str, re.Pattern], ...] = (
     ("decoder_mlp", re.compile(r"transformer\.decoder\.layers\.\d+\.linear\d")),
     ("head", re.compile(r"(class_embed|bbox_embed)")),
 )
+
+
+# Parts whose layers see sequence-first activations (transformer ``[L, B, E]``, heads ``[layers, B, Q, E]``):
+# their input quantizers have batch dimension 1 (LSQ's gradient scale counts the values of one image).
+SEQUENCE_FIRST_PARTS = ("encoder", "decoder_attn", "decoder_mlp", "head")
+
+
+def attention_bits(cfg: QATConfig) -> int:
+    """Bits of the attention operands (q, k, softmax map, v): ``attn_bits``, or the activation bits when 0."""
+    return cfg.attn_bits or cfg.a_bits
 
 
 def layer_part(name: str) -> str:
@@ -61,7 +71,7 @@ def uniform_qat_policy(model: nn.Module, model_name: str, cfg: QATConfig) -> dic
     layers = {}
     for name, module in quantizable_layers(model).items():
         part = layer_part(name)
-        attn = cfg.attn_bits if isinstance(module, MultiheadAttention) else None
+        attn = attention_bits(cfg) if isinstance(module, MultiheadAttention) else None
         if part == "first_conv":
             bits = cfg.first_conv_bits if "backbone" in cfg.quantize else FULL_PRECISION
             layers[name] = _entry(bits, bits, part)
@@ -76,7 +86,7 @@ def uniform_qat_policy(model: nn.Module, model_name: str, cfg: QATConfig) -> dic
         else:
             layers[name] = _entry(FULL_PRECISION, None, part)
     return make_policy(model_name, layers, "uniform-qat", w_bits=cfg.w_bits, a_bits=cfg.a_bits,
-                       attn_bits=cfg.attn_bits, quantize=list(cfg.quantize), first_conv_bits=cfg.first_conv_bits,
+                       attn_bits=attention_bits(cfg), quantize=list(cfg.quantize), first_conv_bits=cfg.first_conv_bits,
                        head_bits=cfg.head_bits)
 
 
@@ -99,7 +109,27 @@ def policy_from_file(path: str, model: nn.Module, model_name: str, cfg: QATConfi
     out = dict(policy, layers=layers)
     out.pop("default", None)
     check_schema(out, source)
+    check_attention_bits(out, attention, source)
     return out
+
+
+def check_attention_bits(policy: dict, attention: set[str], source: str) -> None:
+    """Refuse ``attn_bits`` the QAT quantizers cannot use: on a layer without attention operands, or outside
+    LSQ+'s bit-widths; one ``UserError`` names every such layer, the field and the accepted values."""
+    accepted = f"{list(ALLOWED_BITS)} or null (32/null = float operands)"
+    problems = []
+    for name, entry in policy["layers"].items():
+        if "attn_bits" not in entry:
+            continue
+        bits = entry["attn_bits"]
+        if name not in attention:
+            problems.append(f"layers[{name!r}]: attn_bits={bits!r} is given to a layer without attention operands; "
+                            f"only attention layers take attn_bits")
+        elif bits is not None and (isinstance(bits, bool) or bits not in ALLOWED_BITS):
+            problems.append(f"layers[{name!r}]: attn_bits={bits!r} is not accepted by the QAT quantizers (LSQ+); "
+                            f"accepted values: {accepted}")
+    if problems:
+        raise UserError(f"{source}: attention bits the QAT quantizers cannot use:\n  - " + "\n  - ".join(problems))
 
 
 class QueryQuantizer(nn.Module):
@@ -120,16 +150,29 @@ def build_student(model: nn.Module, policy: dict, cfg: QATConfig, model_name: st
     """
     apply_policy(model, policy, w_method="lsq", a_method="lsq+", per_channel=cfg.per_channel,
                  source="QAT policy", model_name=model_name)
+    set_input_batch_dims(model)
     if cfg.query_embed_bits < FULL_PRECISION:
         model.query_quant = QueryQuantizer(cfg.query_embed_bits, model.num_queries, cfg.per_channel)
     if cfg.align:
         from detr_ptq.qat.align import install_query_align, is_decoder_cross_attention
 
-        install_query_align(model, is_decoder_cross_attention)
+        install_query_align(model, is_decoder_cross_attention, init=cfg.align_init)
     for q in quantizers(model, ActQuantizer).values():
         q.init = cfg.a_init  # used by the calibration pass
     init_weight_steps(model, cfg.w_init)
     return model
+
+
+def set_input_batch_dims(model: nn.Module) -> int:
+    """Give the input quantizer of every sequence-first Conv/Linear (``SEQUENCE_FIRST_PARTS``) batch dimension 1;
+    attention inputs and operands get theirs from ``quantize_attention``. Returns how many were set."""
+    n = 0
+    for name, module in quantizable_layers(model).items():
+        q = getattr(module, "a_quant", None)
+        if isinstance(q, ActQuantizer) and layer_part(name) in SEQUENCE_FIRST_PARTS:
+            q.batch_dim = 1
+            n += 1
+    return n
 
 
 def _weight_sources(model: nn.Module) -> dict[str, tuple[WeightQuantizer, torch.Tensor]]:

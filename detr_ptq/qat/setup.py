@@ -11,13 +11,13 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from detr_ptq.data.coco import CocoDetection, coco_paths
-from detr_ptq.data.transforms import DetrTransform, collate
+from detr_ptq.data.transforms import DetrTrainTransform, DetrTransform, collate
 from detr_ptq.data.voc import VocDetection
 from detr_ptq.models.build import DETRConfig
 from detr_ptq.models.checkpoint import load_detr_with_file
 from detr_ptq.ptq.calibset import checkpoint_resize
 from detr_ptq.qat.config import QATConfig
-from detr_ptq.qat.quantize import build_student, policy_from_file, uniform_qat_policy
+from detr_ptq.qat.quantize import attention_bits, build_student, policy_from_file, uniform_qat_policy
 from gmpq.errors import UserError
 from gmpq.paths import expand_path
 from gmpq.quant.policy import load_policy
@@ -40,7 +40,9 @@ class Data:
 def build_data(cfg: QATConfig, info: DistInfo) -> Data:
     min_size, max_size = checkpoint_resize(cfg.checkpoint, cfg.min_size, cfg.max_size)
     transform = DetrTransform(min_size, max_size)
-    train_set = detection_dataset(cfg.data_format, cfg.data_dir, cfg.train_split, transform)
+    # augment: DETR's flip / multi-scale / crop on the training split (calibration sees the same distribution)
+    train_tf = DetrTrainTransform(min_size, max_size) if cfg.augment else transform
+    train_set = detection_dataset(cfg.data_format, cfg.data_dir, cfg.train_split, train_tf)
     gen = torch.Generator().manual_seed(cfg.seed)
     sampler = (DistributedSampler(train_set, info.world_size, info.rank, shuffle=True, seed=cfg.seed)
                if info.distributed else RandomSampler(train_set, generator=gen))
@@ -128,8 +130,8 @@ def build_models(cfg: QATConfig, info: DistInfo, saved_policy: Path | None = Non
 
 
 def result_header(cfg: QATConfig) -> dict:
-    """The settings a results table needs, from the config."""
-    keys = ("policy", "w_bits", "a_bits", "attn_bits", "quantize", "align", "fqm", "fqm_tau", "distill_weight",
-            "two_stage", "epochs", "steps_per_epoch", "batch_size", "lr")
+    """The settings a results table needs, from the config (``attn_bits`` resolved: 0 = the activation bits)."""
+    keys = ("policy", "w_bits", "a_bits", "quantize", "align", "align_init", "fqm", "fqm_tau", "distill_weight",
+            "two_stage", "epochs", "max_steps_per_epoch", "batch_size", "lr", "augment")
     values = dataclasses.asdict(cfg)
-    return {k: values[k] for k in keys}
+    return {**{k: values[k] for k in keys}, "attn_bits": attention_bits(cfg), "seed": values.get("seed")}

@@ -2,47 +2,48 @@
 
 float checkpoint -> (evaluate float) -> quantize (policy / uniform bits) -> calibrate (LSQ+ init; refuses to train
 without it) -> evaluate the un-trained quantized model -> AdamW epochs with set loss + lambda x FQM distillation
-from the frozen float teacher -> ``final.pth`` (loadable by ``detr-ptq eval``) and ``result.json``.
+from the frozen float teacher, on the project's one training loop (``gmpq.runtime.fit``) -> ``final.pth``
+(loadable by ``detr-ptq eval``) and ``result.json``.
 
-Outputs in ``out_dir``: ``config.yaml``, ``policy.json`` (the resolved policy), ``checkpoint.pth`` (every epoch,
-atomic; ``--resume``), ``final.pth``, ``result.json``, ``log.jsonl``, ``tb/``.
+Outputs in ``out_dir``: ``config.yaml``, ``policy.json`` (the resolved policy), ``checkpoint.pt`` (every epoch,
+atomic; ``--resume``), ``log.jsonl`` (one line per finished epoch, numbered from 1), ``tb/``; after the last epoch
+``final.pth`` and ``result.json``. policy.json, final.pth and result.json are derived from the checkpoint: a
+``--resume`` of a finished run re-writes them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
+import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from detr_ptq.engine.evaluate import evaluate
+from detr_ptq.engine.train import coco_evaluator, to_device
 from detr_ptq.models.checkpoint import save_detr
 from detr_ptq.models.postprocess import PostProcess
 from detr_ptq.qat.config import QATConfig
-from detr_ptq.qat.losses import CrossAttentionTap, distill_term, total_loss
+from detr_ptq.qat.losses import CrossAttentionTap, distill_term
 from detr_ptq.qat.quantize import calibrate_student, init_weight_steps, quantizer_part, set_parts_enabled
 from detr_ptq.qat.setup import Data, Models, build_data, build_models, result_header
 from gmpq.config import save_config
 from gmpq.detection.pycoco import format_metrics
-from gmpq.errors import NonFiniteLossError, UserError
+from gmpq.errors import UserError
 from gmpq.io import atomic_write_json, ensure_writable_dir
 from gmpq.paths import expand_path
 from gmpq.quant import cost_summary, layer_bits
 from gmpq.quant.calibrate import require_calibrated
 from gmpq.quant.policy import save_policy
 from gmpq.runtime import (
+    CHECKPOINT,
     DistInfo,
-    RunLog,
-    any_process,
+    Task,
     broadcast_state,
-    check_finite,
+    fit,
     init_distributed,
-    load_checkpoint,
-    save_checkpoint,
+    load_resume,
     set_seed,
     shutdown_distributed,
 )
@@ -50,20 +51,14 @@ from gmpq.runtime import (
 STAGE1_PARTS = ("first_conv", "backbone")
 
 
-def _optimizer(model: nn.Module, cfg: QATConfig):
+def _optimizer(model: nn.Module, cfg: QATConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on quantizer steps/offsets, alignment parameters, biases and norms."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.dim() <= 1 or "quant" in name or "q_norm" in name else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    step = cfg.lr_drop if cfg.lr_drop > 0 else 10**9
-    return opt, torch.optim.lr_scheduler.StepLR(opt, step)
-
-
-def _to(targets: list[dict], device) -> list[dict]:
-    return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 
 
 def _train_mode(model: nn.Module, freeze_bn: bool) -> None:
@@ -109,29 +104,19 @@ def check_resume_settings(saved: dict, now: dict, ckpt: Path) -> None:
                         f"same settings or another out_dir")
 
 
-def _stop_if_not_finite(terms: dict, step: int, ckpt: Path, info: DistInfo) -> None:
-    """Every process stops together (a lone rank raising would leave the others in the gradient all-reduce)."""
-    bad = not all(torch.isfinite(v.detach()).all() for v in terms.values())
-    if any_process(bad, info):
-        check_finite(terms, step, ckpt if ckpt.exists() else None)  # raises, naming the terms, where they are bad
-        raise NonFiniteLossError(f"non-finite loss on another process at step {step}; the last good checkpoint "
-                                 f"is kept at {str(ckpt)!r}")
+def _evaluator(model: nn.Module, data: Data, info: DistInfo, cfg: QATConfig):
+    """``() -> COCO metrics`` of ``model`` on the val split without the undefined (None) ones; {} off the main
+    process."""
+    run = coco_evaluator(model, PostProcess(), data.val, data.val_gt, info, cfg.progress)
+    return lambda: {k: v for k, v in run().items() if v is not None}
 
 
-def train_epoch(net: nn.Module, m: Models, data: Data, opt, cfg: QATConfig, epoch: int, info: DistInfo, taps,
-                runlog: RunLog, ckpt: Path) -> dict[str, float]:
-    device, is_main = info.device, info.is_main
-    _train_mode(m.student, cfg.freeze_bn)
-    if hasattr(data.train.sampler, "set_epoch"):
-        data.train.sampler.set_epoch(epoch)
-    steps = min(len(data.train), cfg.steps_per_epoch or len(data.train))
-    sums: dict[str, float] = {}
-    bar = tqdm(data.train, total=steps, desc=f"qat epoch {epoch + 1}/{cfg.epochs}",
-               disable=not (cfg.progress and is_main), mininterval=10)
-    for step, (images, mask, targets) in enumerate(bar):
-        if step >= steps:
-            break
-        images, mask, targets = images.to(device), mask.to(device), _to(targets, device)
+def qat_loss_terms(m: Models, cfg: QATConfig, device: torch.device):
+    """The step: batch -> set-loss terms (+ ``distill`` and the logged ``fqm_selected`` with a teacher)."""
+    taps = (CrossAttentionTap(m.student), CrossAttentionTap(m.teacher)) if m.teacher is not None else ()
+
+    def loss_terms(net: nn.Module, batch) -> dict[str, torch.Tensor]:
+        images, mask, targets = batch[0].to(device), batch[1].to(device), to_device(batch[2], device)
         for tap in taps:
             tap.start()
         outputs = net(images, mask)
@@ -143,112 +128,86 @@ def train_epoch(net: nn.Module, m: Models, data: Data, opt, cfg: QATConfig, epoc
                 tap.active = False
             terms["distill"], stats = distill_term(outputs, t_out, taps[0].features(), taps[1].features(),
                                                    targets, cfg.fqm_tau)
-            terms["fqm_selected"] = torch.tensor(stats["fqm_selected"])
-        loss = total_loss(terms, m.criterion.weight_dict, cfg.distill_weight)
-        _stop_if_not_finite({"total": loss, **terms}, epoch * steps + step, ckpt, info)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.clip_max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(m.student.parameters(), cfg.clip_max_norm)
-        opt.step()
-        values = {"loss": loss.item(), **{k: float(v.detach()) for k, v in terms.items() if not k[-1].isdigit()}}
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + v
-        if step % 10 == 0:
-            runlog.scalars("train", values, epoch * steps + step)
-        bar.set_postfix(loss=f"{values['loss']:.3f}")
-    return {k: v / max(steps, 1) for k, v in sums.items()}
+            terms["fqm_selected"] = torch.tensor(float(stats["fqm_selected"]))
+        return terms
 
-
-def _evaluate(model: nn.Module, data: Data, device, is_main: bool) -> dict:
-    """COCO metrics on the val split (main process only; the others get {})."""
-    if not is_main:
-        return {}
-    metrics = evaluate(model, PostProcess(), data.val, data.val_gt, device)
-    return {k: v for k, v in metrics.items() if v is not None}
+    return loss_terms, taps
 
 
 def qat(cfg: QATConfig, resume: bool = False, log=print) -> dict:
-    """Run the QAT described by ``cfg`` (``resume``: continue from ``out_dir/checkpoint.pth``)."""
+    """Run the QAT described by ``cfg`` (``resume``: continue from ``out_dir/checkpoint.pt``)."""
     info = init_distributed(cfg.device)
-    torch.set_num_threads(cfg.num_threads)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     out = ensure_writable_dir(expand_path(cfg.out_dir))
+    state = load_resume(out, info.device) if resume else None
+    extra = state["extra"] if state is not None else {}
+    if state is not None:
+        check_resume_settings(extra["qat"], qat_settings(cfg), out / CHECKPOINT)
     set_seed(cfg.seed)  # the same on every process: identical student and calibration
     data = build_data(cfg, info)
-    ckpt, policy_path = out / "checkpoint.pth", out / "policy.json"
-    if resume and not ckpt.is_file():
-        raise UserError(f"--resume: no checkpoint at {str(ckpt)!r}; run without --resume first")
-    float_metrics: dict = {}
+    policy_path = out / "policy.json"
+    if state is not None:  # the run's resolved policy comes from its checkpoint
+        if info.is_main:
+            save_policy(extra["policy"], policy_path)
+        if info.distributed:
+            dist.barrier()
+        data.calib.generator.set_state(extra["calib_rng"])  # stage 2 re-calibrates from where the run was
+    float_metrics: dict = dict(extra.get("float", {}))
 
     def eval_float(model: nn.Module) -> None:
-        if cfg.eval_float and not resume:
-            float_metrics.update(_evaluate(model, data, info.device, info.is_main))
+        if cfg.eval_float and state is None:
+            float_metrics.update(_evaluator(model, data, info, cfg)())
 
-    m = build_models(cfg, info, policy_path if resume else None, eval_float)
-    opt, sched = _optimizer(m.student, cfg)
-    runlog = RunLog(out, enabled=info.is_main, tensorboard=cfg.tensorboard, resume=resume)
-    start = 0
-    if resume:
-        state = load_checkpoint(ckpt, info.device)
-        check_resume_settings(state.get("qat", {}), qat_settings(cfg), ckpt)
-        m.student.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, before, float_metrics = state["epoch"], state["before"], state["float"]
-        if state.get("loader_rng") is not None and hasattr(data.train.sampler, "generator"):
-            data.train.sampler.generator.set_state(state["loader_rng"].cpu())
-        runlog.truncate(start)
-        log(f"resumed from {ckpt} after epoch {start}")
-    elif cfg.calib_batches > 0:
-        set_seed(cfg.seed)  # calibration subsamples at random: the same draw whether or not a teacher was built
-        calibrate_student(m.student, data.calib, cfg.calib_batches, info.device)
-    require_calibrated(m.student)  # QAT never starts from uninitialised LSQ+ steps
-    if not resume:
-        before = _evaluate(m.student, data, info.device, info.is_main)
+    m = build_models(cfg, info, policy_path if state is not None else None, eval_float)
+    evaluate = _evaluator(m.student, data, info, cfg)
+    opt = _optimizer(m.student, cfg)
+    if state is None:
+        if cfg.calib_batches > 0:
+            set_seed(cfg.seed)  # calibration subsamples at random: the same draw whether or not a teacher was built
+            calibrate_student(m.student, data.calib, cfg.calib_batches, info.device)
+        require_calibrated(m.student)  # QAT never starts from uninitialised LSQ+ steps
+        before = evaluate()
         log(f"float: {format_metrics(float_metrics)}" if float_metrics else "float: not evaluated")
         log(f"quantized, before training: {format_metrics(before)}" if before else "")
+    else:
+        before = extra["before"]
     if info.is_main:
         save_config(cfg, out / "config.yaml")
         save_policy(m.policy, policy_path)
-    net = DistributedDataParallel(m.student, find_unused_parameters=True) if info.distributed else m.student
-    taps = (CrossAttentionTap(m.student), CrossAttentionTap(m.teacher)) if m.teacher is not None else ()
-    metrics, t_start = before, time.time()
-    if start >= cfg.epochs:  # resumed after the last epoch (e.g. stopped while finishing): evaluate again
-        metrics = _evaluate(m.student, data, info.device, info.is_main)
-    for epoch in range(start, cfg.epochs):
-        t0 = time.time()
-        stage = enter_stage(m, cfg, epoch, data, info, opt, log)
-        train = train_epoch(net, m, data, opt, cfg, epoch, info, taps, runlog, ckpt)
-        sched.step()
-        if info.is_main:  # the finished epoch is saved before the (long) evaluation
-            rng = data.train.sampler.generator.get_state() if hasattr(data.train.sampler, "generator") else None
-            save_checkpoint(ckpt, model=m.student.state_dict(), optimizer=opt.state_dict(),
-                            scheduler=sched.state_dict(), epoch=epoch + 1, before=before, float=float_metrics,
-                            loader_rng=rng, qat=qat_settings(cfg))
-        metrics = _evaluate(m.student, data, info.device, info.is_main)
-        if info.is_main:
-            runlog.epoch({"epoch": epoch, "stage": stage, **{f"train_{k}": v for k, v in train.items()},
-                          **metrics, "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 1)})
-            runlog.scalars("val", metrics, epoch)
-            log(f"epoch {epoch + 1}/{cfg.epochs} (stage {stage}): loss {train.get('loss', 0):.4f}  "
-                f"{format_metrics(metrics)}")
+    loss_terms, taps = qat_loss_terms(m, cfg, info.device)
+    result: dict = {}
+
+    def on_epoch_start(epoch: int) -> None:
+        enter_stage(m, cfg, epoch, data, info, opt, log)
+        _train_mode(m.student, cfg.freeze_bn)
+
+    def write_outputs(epoch: int, metrics: dict) -> None:
+        save_policy(m.policy, policy_path)
+        if epoch >= cfg.epochs:
+            result.update(_finish(cfg, m, data, out, metrics, before, float_metrics))
+
+    task = Task(model=m.student, optimizer=opt, loader=data.train, loss_terms=loss_terms,
+                weights={**m.criterion.weight_dict, "distill": cfg.distill_weight}, evaluate=evaluate, name="qat",
+                on_epoch_start=on_epoch_start, write_outputs=write_outputs, find_unused_parameters=True,
+                extra_state=lambda: {"before": before, "float": float_metrics, "qat": qat_settings(cfg),
+                                     "policy": m.policy, "calib_rng": data.calib.generator.get_state()})
+    fit(task, cfg, info, state)
     for tap in taps:
         tap.close()
-    result = {}
-    if info.is_main:
-        result = _finish(cfg, m, data, out, metrics, before, float_metrics, time.time() - t_start)
-    runlog.close()
     shutdown_distributed(info)
     return result
 
 
-def _finish(cfg: QATConfig, m: Models, data: Data, out: Path, metrics: dict, before: dict, float_metrics: dict,
-            seconds: float) -> dict:
+def _finish(cfg: QATConfig, m: Models, data: Data, out: Path, metrics: dict, before: dict,
+            float_metrics: dict) -> dict:
+    """final.pth and result.json, from the student as restored from (or saved to) the last checkpoint."""
     qat_state = {"policy": m.policy, "query_embed_bits": cfg.query_embed_bits, "align": cfg.align,
                  "per_channel": cfg.per_channel}
     save_detr(out / "final.pth", m.student, m.detr_config, qat=qat_state, metrics=metrics,
               train_config={"min_size": data.min_size, "max_size": data.max_size})
     costs = cost_summary(m.student, layer_bits(m.policy, m.student), (3, data.min_size, data.max_size))
+    seconds = sum(json.loads(line)["seconds"] for line in (out / "log.jsonl").read_text().splitlines())
     f50 = float_metrics.get("AP50")
     result = {"name": out.name, **result_header(cfg), "images": len(data.val_gt["images"]),
               "AP": metrics.get("AP"), "AP50": metrics.get("AP50"), "metrics": metrics, "before": before,

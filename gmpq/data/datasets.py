@@ -44,6 +44,10 @@ class DataConfig:
     imagefolder crop (default 224); the CIFAR sets accept only None or 32.
     test_name / test_root: evaluate on another dataset (e.g. train on cifar10_npz, test on cifar10_jpeg);
     test_root defaults to root. Both datasets must have the same class list.
+    channels: image channels the model takes. None = as stored (digits 1, CIFAR 3, imagefolder 1 if its images are
+    grayscale else 3); imagefolder converts to 1 (grayscale) or 3 (RGB: a grayscale image on three equal
+    channels, the documented way to feed grayscale data to a 3-channel model); the other sets accept only their
+    own count.
     """
 
     name: str = "digits"
@@ -58,6 +62,7 @@ class DataConfig:
     image_size: int | None = None
     test_name: str | None = None
     test_root: str | None = None
+    channels: int | None = None
 
     def __post_init__(self) -> None:
         for field in ("name", "test_name"):
@@ -71,10 +76,12 @@ class DataConfig:
                 raise UserError(f"data.{field}={value!r} must be a positive integer")
         if self.num_workers < 0:
             raise UserError(f"data.num_workers={self.num_workers!r} must be >= 0")
+        if self.channels not in (None, 1, 3):
+            raise UserError(f"data.channels={self.channels!r} is not supported; accepted: 1, 3 or unset (as stored)")
 
 
-# name -> fn(root, split, augment, image_size) -> Dataset with .classes, .num_classes, .targets
-DatasetFn = Callable[[Path | None, str, bool, int | None], Dataset]
+# name -> fn(root, split, augment, image_size, channels) -> Dataset with .classes, .num_classes, .targets
+DatasetFn = Callable[[Path | None, str, bool, int | None, int | None], Dataset]
 _DATASETS: dict[str, DatasetFn] = {}
 
 
@@ -89,38 +96,80 @@ def list_datasets() -> list[str]:
     return sorted(_DATASETS)
 
 
-def _cifar_root(name: str, root: Path | None, image_size: int | None) -> Path:
+def _native_channels(name: str, channels: int | None, native: int) -> None:
+    if channels not in (None, native):
+        raise UserError(f"dataset {name!r}: data.channels={channels} is not supported; its images have {native} "
+                        f"channel(s) (leave data.channels unset; only imagefolder converts)")
+
+
+def _cifar_root(name: str, root: Path | None, image_size: int | None, channels: int | None) -> Path:
     if image_size not in (None, 32):
         raise UserError(f"dataset {name!r}: data.image_size={image_size} is not supported; CIFAR images are 32x32 "
                         "(leave image_size unset or 32)")
+    _native_channels(name, channels, 3)
     return root if root is not None else expand_path(DEFAULT_CIFAR_ROOT)
 
 
 @register_dataset("digits")
-def _digits(root, split, augment, image_size):
+def _digits(root, split, augment, image_size, channels):
+    _native_channels("digits", channels, 1)
     return digits_dataset(split, augment, image_size)
 
 
 @register_dataset("cifar10")
-def _cifar10(root, split, augment, image_size):
-    return cifar.cifar10_python(_cifar_root("cifar10", root, image_size), split, augment)
+def _cifar10(root, split, augment, image_size, channels):
+    return cifar.cifar10_python(_cifar_root("cifar10", root, image_size, channels), split, augment)
 
 
 @register_dataset("cifar10_npz")
-def _cifar10_npz(root, split, augment, image_size):
-    return cifar.cifar10_npz(_cifar_root("cifar10_npz", root, image_size), split, augment)
+def _cifar10_npz(root, split, augment, image_size, channels):
+    return cifar.cifar10_npz(_cifar_root("cifar10_npz", root, image_size, channels), split, augment)
 
 
 @register_dataset("cifar10_jpeg")
-def _cifar10_jpeg(root, split, augment, image_size):
-    return cifar.cifar10_jpeg(_cifar_root("cifar10_jpeg", root, image_size), split, augment)
+def _cifar10_jpeg(root, split, augment, image_size, channels):
+    return cifar.cifar10_jpeg(_cifar_root("cifar10_jpeg", root, image_size, channels), split, augment)
 
 
 @register_dataset("imagefolder")
-def _imagefolder(root, split, augment, image_size):
+def _imagefolder(root, split, augment, image_size, channels):
     if root is None:
         raise UserError(f"dataset 'imagefolder' needs data.root: a folder laid out as {IMAGEFOLDER_LAYOUT}")
-    return imagefolder(root, split, augment, image_size)
+    return imagefolder(root, split, augment, image_size, channels)
+
+
+def check_labels(ds: Dataset, source: str) -> None:
+    """At least two classes, and every label in ``0 .. num_classes - 1``: anything else evaluates to a meaningless
+    accuracy without a word."""
+    if ds.num_classes < 2:
+        raise UserError(f"{source} has {ds.num_classes} class(es) {list(ds.classes)}; a classifier needs at least 2 "
+                        f"(an ImageFolder split needs one folder per class, the same folders as the model's classes)")
+    targets = _targets(ds)
+    if len(targets) == 0:
+        raise UserError(f"{source} has no images")
+    bad = targets[(targets < 0) | (targets >= ds.num_classes)]
+    if len(bad):
+        raise UserError(f"{source} has {len(bad)} label(s) outside 0..{ds.num_classes - 1} (its {ds.num_classes} "
+                        f"classes), e.g. {sorted(set(bad.tolist()))[:10]}; fix the labels or the class list")
+
+
+def check_dataset_for_model(ds: Dataset, spec, num_classes: int | None, source: str) -> None:
+    """The dataset fits the model: its images have the channels of the model's input (``spec.input_size[0]``) and
+    its classes are the model's outputs (``num_classes``, default ``spec.num_classes``). One ``UserError`` lists
+    both problems with the way out (``data.channels``, ``--num-classes``)."""
+    problems = []
+    want_c = spec.input_size[0]
+    have_c = int(ds[0][0].shape[0])
+    if have_c != want_c:
+        how = ("set data.channels=3 (imagefolder: grayscale replicated on 3 channels)" if want_c == 3 else
+               "set data.channels=1 (imagefolder: converted to grayscale)") if want_c in (1, 3) else "use other data"
+        problems.append(f"its images have {have_c} channel(s) but model {spec.name!r} takes {want_c}; {how}")
+    outputs = num_classes or spec.num_classes
+    if ds.num_classes != outputs:
+        problems.append(f"it has {ds.num_classes} classes but the model has {outputs} outputs; pass --num-classes "
+                        f"{ds.num_classes} (set num_classes) with weights trained for these classes")
+    if problems:
+        raise UserError(f"{source} does not fit the model:\n  - " + "\n  - ".join(problems))
 
 
 class SubsetDataset(Dataset):
@@ -180,7 +229,9 @@ def build_dataset(cfg: DataConfig, split: str, train_transform: bool | None = No
     if name not in _DATASETS:
         raise UserError(f"dataset {name!r} is not registered; choose one of {list_datasets()}")
     augment = cfg.augment and (split == "train" if train_transform is None else train_transform)
-    ds = _DATASETS[name](expand_path(root) if root is not None else None, split, augment, cfg.image_size)
+    ds = _DATASETS[name](expand_path(root) if root is not None else None, split, augment, cfg.image_size,
+                         cfg.channels)
+    check_labels(ds, f"dataset {name!r}" + (f" at {str(root)!r}" if root is not None else "") + f" ({split} split)")
     n = cfg.train_subset if split == "train" else cfg.test_subset
     if n is not None and n < len(ds):
         ds = SubsetDataset(ds, balanced_subset_indices(_targets(ds), n, cfg.seed))

@@ -7,16 +7,21 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from gmpq.runtime import DistInfo, reduce_sum
+from gmpq.runtime.progress import progress as gmpq_progress
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
-             info: DistInfo | None = None, max_batches: int | None = None) -> dict[str, float]:
-    """Returns ``{"top1", "top5", "loss", "n"}``; accuracies are fractions in [0, 1], loss is mean cross-entropy."""
+             info: DistInfo | None = None, max_batches: int | None = None, progress: bool = False
+             ) -> dict[str, float]:
+    """Returns ``{"top1", "top5", "loss", "n"}``; accuracies are fractions in [0, 1], loss is mean cross-entropy.
+    ``progress``: report the batches done on the main process (a bar on a terminal, plain lines in a log)."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
-    for i, (x, y) in enumerate(loader):
+    total = len(loader) if max_batches is None else min(len(loader), max_batches)
+    batches = gmpq_progress(loader, total, "evaluation", progress and (info is None or info.is_main), unit="batch")
+    for i, (x, y) in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
         x, y = x.to(device), y.to(device)

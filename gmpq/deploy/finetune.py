@@ -1,23 +1,22 @@
 """``finetune(cfg) -> result``: apply a policy, calibrate, quantization-aware fine-tuning, evaluate.
 
-Outputs in ``cfg.out_dir``: ``config.yaml``, ``checkpoint.pt`` (each epoch, atomic; ``--resume``),
-``model_final.pt`` (the quantized model's state dict + policy), ``result.json`` (accuracy and costs, the input
-of ``gmpq report``), ``log.jsonl`` and TensorBoard events in ``tb/``.
+The epochs run on ``gmpq.runtime.fit`` (DDP under torchrun). Outputs in ``cfg.out_dir``: ``config.yaml``,
+``checkpoint.pt`` (each epoch, atomic; ``--resume``), ``log.jsonl`` and TensorBoard events in ``tb/``; after the last
+epoch, derived from the checkpoint (and re-derived by ``--resume``): ``model_final.pt`` (the quantized model's state
+dict + policy) and ``result.json`` (accuracy and costs, the input of ``gmpq report``).
 """
 
 from __future__ import annotations
 
 import copy
-import time
+import dataclasses
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from gmpq.config import config_to_dict, save_config
-from gmpq.data import build_loaders
+from gmpq.data import DataConfig, build_loaders, check_dataset_for_model
 from gmpq.deploy.config import FinetuneConfig
 from gmpq.deploy.datasets import extra_evaluations
 from gmpq.deploy.evaluate import evaluate
@@ -27,10 +26,10 @@ from gmpq.models import create_model, model_spec
 from gmpq.quant import apply_policy, calibrate, cost_summary, layer_bits, load_policy
 from gmpq.runtime import (
     DistInfo,
-    RunLog,
-    check_finite,
+    Task,
+    fit,
     init_distributed,
-    restore_training,
+    load_resume,
     save_checkpoint,
     set_seed,
     shutdown_distributed,
@@ -68,89 +67,90 @@ def _prepare(cfg: FinetuneConfig, info: DistInfo):
     return policy, spec, model.to(info.device), teacher.to(info.device) if teacher is not None else None
 
 
-def _optimizer(model: nn.Module, cfg: FinetuneConfig):
+def _optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    milestones = sorted({max(1, round(f * cfg.epochs)) for f in cfg.milestones})
-    return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones, cfg.gamma)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def train_epoch(model, teacher, loader, opt, cfg: FinetuneConfig, info: DistInfo, log: RunLog, epoch: int,
-                ckpt: Path) -> dict[str, float]:
-    model.train()
-    if hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)  # a different shard order each epoch under DDP
-    sums: dict[str, float] = {}
-    steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-    bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and info.is_main))
-    for step, (x, y) in enumerate(bar):
-        if step >= steps:
-            break
-        x, y = x.to(info.device), y.to(info.device)
+def _step(teacher: nn.Module | None, cfg: FinetuneConfig, device: torch.device):
+    """The engine's step: ``{"ce", "kd" (with a teacher), "acc" (logged only)}`` for one batch."""
+
+    def terms(net: nn.Module, batch) -> dict[str, torch.Tensor]:
+        x, y = batch[0].to(device), batch[1].to(device)
         with torch.no_grad():
             t_logits = teacher(x) if teacher is not None else None
-        terms = loss_terms(model(x), y, t_logits, cfg.kd.temperature)
-        check_finite(terms, epoch * steps + step, ckpt if ckpt.exists() else None)
-        loss = terms["ce"] + cfg.kd.weight * terms.get("kd", 0.0)  # the one place where weights are applied
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        values = {k: v.item() for k, v in terms.items()}
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + v
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        log.scalars("train", values, epoch * steps + step)
-    return {k: v / max(steps, 1) for k, v in sums.items()}
+        logits = net(x)
+        return loss_terms(logits, y, t_logits, cfg.kd.temperature) | {"acc": (logits.argmax(1) == y).float().mean()}
+
+    return terms
+
+
+def calibration_loader(data: DataConfig, info: DistInfo, train_loader):
+    """Every process calibrates on the same global batches as a single process would (not on its own shard), so
+    N processes start from the activation ranges of one."""
+    if not info.distributed:
+        return train_loader
+    return build_loaders(dataclasses.replace(data, batch_size=data.batch_size * info.world_size))[0]
+
+
+def _test(metrics: dict) -> dict:
+    return {f"test_{k}": v for k, v in metrics.items()}
 
 
 def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
     """Run the fine-tuning described by ``cfg``; returns the result dict also written to ``result.json``."""
     info = init_distributed(cfg.device)
-    out = ensure_writable_dir(cfg.out_dir)  # fail now, not after an hour of training
-    set_seed(cfg.seed + info.rank)
-    policy, spec, model, teacher = _prepare(cfg, info)
-    train_loader, test_loader = build_loaders(cfg.data, distributed=info.distributed)
-    opt, sched = _optimizer(model, cfg)
-    ckpt = out / "checkpoint.pt"
-    log = RunLog(out, enabled=info.is_main, tensorboard=cfg.tensorboard, resume=resume)
-    start, before = 0, None
-    if resume:
-        state = restore_training(ckpt, model, opt, sched, info.device)
-        start, before = state["epoch"], state["before"]
-        log.truncate(start)
-    else:
-        calibrate(model, train_loader, cfg.calib_batches, info.device)
-        before = evaluate(model, test_loader, info.device, info)
-    if info.is_main:
-        save_config(cfg, out / "config.yaml")
-    net = DistributedDataParallel(model) if info.distributed else model
-    metrics = before
-    for epoch in range(start, cfg.epochs):
-        t0 = time.time()
-        train = train_epoch(net, teacher, train_loader, opt, cfg, info, log, epoch, ckpt)
-        sched.step()
-        metrics = evaluate(model, test_loader, info.device, info)
+    try:
+        out = ensure_writable_dir(cfg.out_dir)  # fail now, not after an hour of training
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        set_seed(cfg.seed + info.rank)
+        policy, spec, model, teacher = _prepare(cfg, info)
+        train_loader, test_loader = build_loaders(cfg.data, distributed=info.distributed)
+        for split, loader in (("train", train_loader), ("test", test_loader)):  # before any step: a clear error
+            check_dataset_for_model(loader.dataset, spec, cfg.num_classes, f"data {cfg.data.name!r} ({split} split)")
+        state = load_resume(out, info.device) if resume else None
+        if state is None:
+            calibrate(model, calibration_loader(cfg.data, info, train_loader), cfg.calib_batches, info.device,
+                      progress=cfg.progress and info.is_main)
+            before = _test(evaluate(model, test_loader, info.device, info, progress=cfg.progress))
+        else:
+            before = state["extra"]["before"]
         if info.is_main:
-            save_checkpoint(ckpt, model=model.state_dict(), optimizer=opt.state_dict(),
-                            scheduler=sched.state_dict(), epoch=epoch + 1, before=before, metrics=metrics)
-            log.epoch({"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
-                       **{f"test_{k}": v for k, v in metrics.items()}, "lr": opt.param_groups[0]["lr"],
-                       "seconds": time.time() - t0})
-            log.scalars("test", metrics, epoch)
+            save_config(cfg, out / "config.yaml")
+        final: dict = {}
+
+        def write_final(epoch: int, metrics: dict) -> None:
+            """model_final.pt and result.json: derived from the checkpoint of the last epoch."""
+            if epoch == cfg.epochs:
+                final.update(_result(cfg, out, policy, spec, model, metrics, before, info))
+                save_checkpoint(out / "model_final.pt", model=model.state_dict(), policy=policy,
+                                config=config_to_dict(cfg))
+                atomic_write_json(out / "result.json", final)
+
+        task = Task(model=model, optimizer=_optimizer(model, cfg), loader=train_loader,
+                    loss_terms=_step(teacher, cfg, info.device), weights={"ce": 1.0, "kd": cfg.kd.weight},
+                    evaluate=lambda: _test(evaluate(model, test_loader, info.device, info, progress=cfg.progress)),
+                    name="finetune",
+                    on_epoch_start=lambda epoch: model.train(), extra_state=lambda: {"before": before},
+                    write_outputs=write_final)
+        run = fit(task, cfg, info, state)
+        if run.epoch == 0 and info.is_main:  # epochs=0: the calibrated model, not fine-tuned
+            write_final(0, before)
+        return final or _result(cfg, out, policy, spec, model, run.metrics if run.epoch else before, before, info)
+    finally:
+        shutdown_distributed(info)
+
+
+def _result(cfg: FinetuneConfig, out: Path, policy: dict, spec, model: nn.Module, metrics: dict, before: dict,
+            info: DistInfo) -> dict:
     result = {"name": out.name, "model": cfg.model, "policy": cfg.policy,
               "method": policy["created_by"].get("method"), "data": cfg.data.name, "epochs": cfg.epochs,
-              "top1": metrics["top1"], "top5": metrics["top5"], "n_test": metrics["n"],
-              "top1_before_finetune": before["top1"],
+              "top1": metrics["test_top1"], "top5": metrics["test_top5"], "n_test": metrics["test_n"],
+              "top1_before_finetune": before["test_top1"],
               **quantized_result(model, layer_bits(policy, model), spec.input_size)}
     if cfg.extra_eval:
         result.update(extra_evaluations(model, cfg.extra_eval, info.device, cfg.data.eval_batch_size))
-    if info.is_main:
-        save_checkpoint(out / "model_final.pt", model=model.state_dict(), policy=policy,
-                        config=config_to_dict(cfg))
-        atomic_write_json(out / "result.json", result)
-    log.close()
-    shutdown_distributed(info)
     return result

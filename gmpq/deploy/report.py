@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from gmpq.errors import UserError
 from gmpq.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 COLUMNS = [("name", "run", "{}"), ("method", "method", "{}"), ("top1", "top-1 (%)", "{:.2f}"),
@@ -19,6 +20,13 @@ def load_results(paths: list[str | os.PathLike]) -> list[dict]:
     rows = []
     for p in paths:
         r = read_json(p, what="result file")
+        if not isinstance(r, dict):
+            raise UserError(f"result file {str(p)!r} must hold a JSON object (a result.json of gmpq finetune or "
+                            f"gmpq evaluate --out)")
+        bad = [f"{k}={r[k]!r}" for k, _, fmt in COLUMNS if k in r and r[k] is not None and "f" in fmt
+               and (isinstance(r[k], bool) or not isinstance(r[k], (int, float)))]
+        if bad:
+            raise UserError(f"result file {str(p)!r}: {', '.join(bad)} should be number(s)")
         r.setdefault("name", Path(p).parent.name)
         rows.append(r)
     return rows
@@ -54,13 +62,14 @@ def plot(rows: list[dict], path: str | os.PathLike, title: str = "accuracy vs BO
             continue
         ax.scatter(r["bops_g"], 100 * r["top1"], s=40)
         ax.annotate(r["name"], (r["bops_g"], 100 * r["top1"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.margins(x=0.12, y=0.08)  # room for the run labels next to the outermost points
     ax.set_xlabel("BOPs per image (G)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=120)
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")  # "tight": a long run label is never clipped
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 

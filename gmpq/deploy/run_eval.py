@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from gmpq.data import DataConfig, build_dataset
+from gmpq.data import DataConfig, build_dataset, check_dataset_for_model
 from gmpq.deploy.datasets import extra_evaluations
 from gmpq.deploy.evaluate import evaluate
 from gmpq.deploy.finetune import quantized_result
 from gmpq.errors import UserError
 from gmpq.models import create_model, load_weights, model_spec
-from gmpq.quant import apply_policy, calibrate, is_calibrated, layer_specs, load_packed, load_policy
+from gmpq.models.weights import stored_policy
+from gmpq.paths import expand_path
+from gmpq.quant import apply_policy, is_calibrated, layer_specs, load_packed
+from gmpq.quant.policy_agreement import choose_policy, describe
 from gmpq.runtime import init_distributed
 
 
@@ -29,37 +31,43 @@ class EvalConfig:
     calib_batches: int = 8
     device: str = "auto"
     extra_eval: list[str] = dataclasses.field(default_factory=list)  # more test sets (--data syntax)
+    override_policy: bool = False  # apply ``policy`` even where it differs from the checkpoint's stored policy
 
 
-def _checkpoint_policy(path: str) -> tuple[bool, dict | None]:
-    """(is the checkpoint of a quantized model?, the policy stored in it, if any)."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # noqa: BLE001 - load_weights reports unreadable files with the proper message
-        return False, None
-    state = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else {}
-    quantized = any(".w_quant." in k or ".a_quant." in k for k in state)
-    return quantized, obj.get("policy") if isinstance(obj, dict) else None
+def _is_quantized_checkpoint(path: str) -> bool:
+    """Does the checkpoint hold a quantized model (quantizer state next to the weights)?"""
+    from gmpq.models.weights import _torch_load, extract_state_dict
+
+    state = extract_state_dict(_torch_load(expand_path(path)), path)
+    return any(".w_quant." in k or ".a_quant." in k for k in state)
 
 
-def build_eval_model(cfg: EvalConfig) -> torch.nn.Module:
+def build_eval_model(cfg: EvalConfig) -> tuple[torch.nn.Module, dict | None, str]:
+    """-> (model ready to evaluate, the policy applied or None, where that policy came from).
+
+    A checkpoint that stores its policy is evaluated with it; ``cfg.policy`` must agree with it unless
+    ``cfg.override_policy`` (then a warning names the differences)."""
     model = create_model(cfg.model, cfg.num_classes)
     if cfg.packed:
-        return load_packed(cfg.packed, model)
-    if not Path(cfg.weights or "").is_file():
+        from gmpq.quant.export import read_packed
+
+        header, _ = read_packed(cfg.packed)
+        packed = {"model": header.get("model"), "created_by": {"method": "packed"}}  # bits live in the file
+        return load_packed(cfg.packed, model), packed, f"stored in {cfg.packed}"
+    if not expand_path(cfg.weights or "").is_file():
         raise UserError(f"--weights {cfg.weights!r} does not exist")
-    quantized, stored = _checkpoint_policy(cfg.weights)
-    policy = load_policy(cfg.policy) if cfg.policy else stored
+    quantized = _is_quantized_checkpoint(cfg.weights)
+    policy, source = choose_policy(stored_policy(cfg.weights), cfg.policy, cfg.override_policy, cfg.weights)
     if quantized and policy is None:
         raise UserError(f"{cfg.weights!r} holds a quantized model but no policy; pass --policy FILE")
     if not quantized:
         load_weights(model, cfg.weights, strict=True)
     if policy is not None:
-        apply_policy(model, policy, source=f"policy {cfg.policy or 'stored in ' + cfg.weights!r}",
-                     model_name=cfg.model, **_methods(cfg.weights) if quantized else {})
+        apply_policy(model, policy, source=f"policy {source}", model_name=cfg.model,
+                     **_methods(cfg.weights) if quantized else {})
     if quantized:
         load_weights(model, cfg.weights, strict=True)
-    return model
+    return model, policy, source
 
 
 def _methods(path: str) -> dict:
@@ -72,21 +80,22 @@ def _methods(path: str) -> dict:
 def evaluate_model(cfg: EvalConfig) -> dict:
     info = init_distributed(cfg.device)
     spec = model_spec(cfg.model)
-    model = build_eval_model(cfg).to(info.device)
+    model, policy, policy_source = build_eval_model(cfg)
+    model = model.to(info.device)
+    source = f"--data {cfg.data.test_name or cfg.data.name!r}"
+    test = build_dataset(cfg.data, "test", train_transform=False)
+    check_dataset_for_model(test, spec, cfg.num_classes, source)  # before any forward pass: a clear error
     calibrated_now = False
     if not is_calibrated(model):
-        try:
-            calib = build_dataset(cfg.data, "train", train_transform=False)
-        except UserError as e:
-            raise UserError(f"the model's activation quantizers need calibration, but dataset {cfg.data.name!r} has "
-                            f"no training split to calibrate on ({e}); evaluate a fine-tuned checkpoint") from None
-        calibrate(model, DataLoader(calib, cfg.data.batch_size, shuffle=True,
-                                    generator=torch.Generator().manual_seed(0)), cfg.calib_batches, info.device)
+        from gmpq.deploy.calibration import calibrate_on_data  # shared with gmpq export: the same PTQ model
+
+        calibrate_on_data(model, cfg.data, spec, cfg.num_classes, cfg.calib_batches, info.device)
         calibrated_now = True
-    test = build_dataset(cfg.data, "test", train_transform=False)
     metrics = evaluate(model, DataLoader(test, cfg.data.eval_batch_size), info.device)
     bits = {n: (s.w_bits, s.a_bits) for n, s in layer_specs(model).items()}
     extra = extra_evaluations(model, cfg.extra_eval, info.device, cfg.data.eval_batch_size)
-    return {**extra, "model": cfg.model, "weights": cfg.weights, "packed": cfg.packed, "policy": cfg.policy,
+    weights, packed = (str(expand_path(p)) if p else None for p in (cfg.weights, cfg.packed))  # no ${GMPQ_DATA}
+    return {**extra, "model": cfg.model, "weights": weights, "packed": packed, "policy": policy_source,
+            **describe(policy),
             "data": cfg.data.test_name or cfg.data.name, "top1": metrics["top1"], "top5": metrics["top5"],
             "n_test": metrics["n"], "calibrated_now": calibrated_now, **quantized_result(model, bits, spec.input_size)}

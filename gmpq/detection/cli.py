@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune-det", help="quantize a detector's backbone per a classification policy, fine-tune")
     p.add_argument("--recipe", default=None, help="YAML recipe (DetFinetuneConfig keys), e.g. recipes/det_*.yaml")
     p.add_argument("--detector", default=None, choices=DETECTOR_NAMES)
-    p.add_argument("--policy", default=None, help="policy JSON of the source classifier (resnet18 / vgg16)")
+    p.add_argument("--policy", default=None, help="policy JSON of the source classifier (resnet18 / vgg16 / mobilenetv2)")
     p.add_argument("--data", default=None, help="voc:VOCDEVKIT, coco:FOLDER, or a folder (format detected)")
     p.add_argument("--backbone-weights", default=None, help="local state dict of the source classifier")
     p.add_argument("--epochs", type=int, default=None)

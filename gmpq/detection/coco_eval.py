@@ -9,10 +9,13 @@ The pycocotools call itself is ``gmpq.detection.pycoco.coco_evaluate`` (it copes
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from gmpq.detection.data import DetectionDataset
 from gmpq.detection.pycoco import coco_evaluate
+from gmpq.errors import InputWarning
 
 
 def coco_ground_truth(ds: DetectionDataset) -> tuple[dict, list[int]]:
@@ -41,7 +44,34 @@ def to_coco_detections(predictions: dict[int, dict[str, np.ndarray]], cat_ids: l
     return out
 
 
+def detection_warnings(gt: dict, detections: list[dict], n_images: int) -> list[str]:
+    """Why an AP may be 0 for a reason other than a bad detector: no detections at all, or most detections with
+    category ids that are not among the ground truth's (the checkpoint's classes do not match the dataset's ids)."""
+    if not detections:
+        return [f"the detector made no detections on {n_images} image(s): every AP is 0 (check the checkpoint, the "
+                f"image size and the score threshold)"]
+    known = {c["id"] for c in gt.get("categories", [])}
+    used = [d["category_id"] for d in detections]
+    foreign = sorted({c for c in used if c not in known})
+    share = sum(c not in known for c in used) / len(used)
+    if share <= 0.5:  # a few stray ids (an undertrained model on COCO's sparse 91-id scheme) are normal
+        return []
+    shown = foreign[:10] + (["..."] if len(foreign) > 10 else [])
+    return [f"{100 * share:.0f}% of the detections have category ids {shown} that are not categories of the "
+            f"ground truth (ids {sorted(known)[:10]}{'...' if len(known) > 10 else ''}); they can never match, so "
+            f"AP is {'0' if share == 1 else 'lowered'}: the checkpoint's classes do not match the dataset's "
+            f"category ids"]
+
+
+def warn_detections(gt: dict, detections: list[dict], n_images: int) -> None:
+    """``warnings.warn`` each of ``detection_warnings`` (the CLI prints them as ``PROG: warning: ...``)."""
+    for message in detection_warnings(gt, detections, n_images):
+        warnings.warn(message, InputWarning, stacklevel=3)
+
+
 def coco_metrics(ds: DetectionDataset, predictions: dict[int, dict[str, np.ndarray]]) -> dict[str, float | None]:
     """``{AP, AP50, AP75, APs, APm, APl}`` over the images in ``predictions`` (COCO's 100 detections per image)."""
     gt, cat_ids = coco_ground_truth(ds)
-    return coco_evaluate(gt, to_coco_detections(predictions, cat_ids), image_ids=sorted(predictions))
+    detections = to_coco_detections(predictions, cat_ids)
+    warn_detections(gt, detections, len(predictions))
+    return coco_evaluate(gt, detections, image_ids=sorted(predictions))

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-DETECTOR_NAMES = ("fasterrcnn_resnet18_fpn", "ssd300_vgg16")
+from gmpq.runtime.settings import RunConfig
+
+DETECTOR_NAMES = ("fasterrcnn_resnet18_fpn", "ssd300_vgg16", "ssdlite_mobilenet_v2", "fasterrcnn_mobilenet_v2_fpn")
 
 
 @dataclasses.dataclass
@@ -39,12 +41,14 @@ class DetDataConfig:
 
 @dataclasses.dataclass
 class DetectorConfig:
-    name: Literal["fasterrcnn_resnet18_fpn", "ssd300_vgg16"] = "fasterrcnn_resnet18_fpn"
-    backbone_weights: str | None = None  # local state dict of the source classifier (timm resnet18 / vgg16)
+    name: Literal["fasterrcnn_resnet18_fpn", "ssd300_vgg16", "ssdlite_mobilenet_v2",
+                  "fasterrcnn_mobilenet_v2_fpn"] = "fasterrcnn_resnet18_fpn"
+    backbone_weights: str | None = None  # local state dict of the source classifier (resnet18 / vgg16 / mobilenetv2)
     min_size: int = 600  # Faster R-CNN: shorter image side after resizing (SSD300 is always 300 x 300)
     max_size: int = 1000  # Faster R-CNN: longer side at most
-    frozen_bn: bool | None = None  # Faster R-CNN: FrozenBatchNorm in the backbone; None = when backbone_weights set
-    trainable_layers: int = 5  # Faster R-CNN: ResNet stages trained (5 = all; quantized layers need training)
+    size: int | None = None  # SSDLite: square input side in pixels (None: 320, torchvision's SSDLite320)
+    frozen_bn: bool | None = None  # Faster R-CNN, MobileNetV2 backbones: FrozenBatchNorm; None = when weights set
+    trainable_layers: int = 5  # Faster R-CNN ResNet-18: stages trained (5 = all; quantized layers need training)
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # more torchvision constructor kwargs
 
     def __post_init__(self):
@@ -52,10 +56,19 @@ class DetectorConfig:
             raise ValueError(f"detector.trainable_layers={self.trainable_layers} must be in 0..5")
         if self.min_size < 32 or self.max_size < self.min_size:
             raise ValueError(f"detector.min_size={self.min_size}, max_size={self.max_size}: need 32 <= min <= max")
+        if self.size is not None and (self.size < 64 or self.size % 32):
+            raise ValueError(f"detector.size={self.size}: SSDLite needs a multiple of 32, at least 64")
 
 
 @dataclasses.dataclass
-class DetFinetuneConfig:
+class DetFinetuneConfig(RunConfig):
+    """The shared run settings (``RunConfig``: out_dir, epochs, seed, threads, device, milestones, gamma,
+    warmup_iters, grad_clip, max_steps_per_epoch, eval_every, progress, tensorboard) and the detection fine-tune's."""
+
+    out_dir: str = "runs/finetune_det"
+    epochs: int = 12
+    milestones: list[float] = dataclasses.field(default_factory=lambda: [8 / 12, 11 / 12])  # fractions of epochs
+    warmup_iters: int = 500
     detector: DetectorConfig = dataclasses.field(default_factory=DetectorConfig)
     data: DetDataConfig = dataclasses.field(default_factory=DetDataConfig)
     policy: str | None = None  # policy JSON of the source classifier (required)
@@ -65,27 +78,12 @@ class DetFinetuneConfig:
     rest_w_bits: int = 32  # detector layers outside the mapped backbone (FPN, RPN, heads, SSD extras)
     rest_a_bits: int | None = None
     calib_batches: int = 8
-    epochs: int = 12
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    milestones: list[float] = dataclasses.field(default_factory=lambda: [8 / 12, 11 / 12])  # fractions of epochs
-    gamma: float = 0.1
-    warmup_iters: int = 500
-    grad_clip: float | None = None  # max gradient norm (None: no clipping)
-    max_steps_per_epoch: int | None = None  # cap steps per epoch (quick runs, tests)
-    eval_every: int = 1  # evaluate every N epochs (and always after the last)
     eval_before: bool = True  # also score the calibrated, not yet fine-tuned detector (post-training quantization)
-    out_dir: str = "runs/finetune_det"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    progress: bool = True
-    tensorboard: bool = True
 
     def __post_init__(self):
-        if self.epochs < 0:
-            raise ValueError(f"epochs={self.epochs} must be >= 0")
-        if any(not 0 < m <= 1 for m in self.milestones):
-            raise ValueError(f"milestones={self.milestones} must be fractions of the epochs in (0, 1]")
-        if self.calib_batches < 1 or self.eval_every < 1:
-            raise ValueError("calib_batches and eval_every must be >= 1")
+        super().__post_init__()
+        if self.calib_batches < 1:
+            raise ValueError("calib_batches must be >= 1")

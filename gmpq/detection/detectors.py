@@ -1,7 +1,9 @@
-"""Detector registry: torchvision Faster R-CNN (ResNet-18 FPN) and SSD300 (VGG-16), random init, never downloading.
+"""Detector registry: torchvision Faster R-CNN (ResNet-18 FPN, MobileNetV2 FPN), SSD300 (VGG-16) and SSDLite
+(MobileNetV2; ``gmpq.detection.mobilenet``), random init, never downloading.
 
 ``build_detector(cfg, num_classes)`` returns the float detector; with ``cfg.backbone_weights`` the backbone is
-loaded from a local state dict of the source classifier (timm ``resnet18`` / torchvision ``vgg16`` names, e.g. a
+loaded from a local state dict of the source classifier (timm ``resnet18`` / torchvision ``vgg16`` /
+``mobilenetv2`` names, e.g. ``$GMPQ_DATA/imagenet/mobilenet_v2_imagenet.pth`` or a
 ``gmpq`` classification checkpoint), renamed by ``gmpq.detection.mapping``. ``num_classes`` counts the background.
 Images go in as ``[3, H, W]`` floats in [0, 1]; the detectors normalise with the ImageNet mean/std, as the gmpq
 classifiers do.
@@ -17,6 +19,7 @@ from torch import nn
 from gmpq.data.stats import IMAGENET_MEAN, IMAGENET_STD
 from gmpq.detection.config import DetectorConfig
 from gmpq.detection.mapping import map_state_dict, source_model
+from gmpq.detection.mobilenet import fasterrcnn_mobilenet_v2_fpn, ssdlite_mobilenet_v2, ssdlite_size
 from gmpq.errors import UserError
 
 
@@ -43,14 +46,18 @@ def ssd300_vgg16(cfg: DetectorConfig, num_classes: int) -> nn.Module:
 DETECTORS: dict[str, Callable[[DetectorConfig, int], nn.Module]] = {
     "fasterrcnn_resnet18_fpn": fasterrcnn_resnet18_fpn,
     "ssd300_vgg16": ssd300_vgg16,
+    "ssdlite_mobilenet_v2": ssdlite_mobilenet_v2,
+    "fasterrcnn_mobilenet_v2_fpn": fasterrcnn_mobilenet_v2_fpn,
 }
 
 
 def cost_input_size(cfg: DetectorConfig) -> tuple[int, int, int]:
-    """(C, H, W) at which backbone BOPs are counted: 300 x 300 for SSD300; for Faster R-CNN a 4:3 image resized to
-    ``min_size`` (e.g. 600 x 800, a typical VOC image), capped at ``max_size``."""
+    """(C, H, W) at which backbone BOPs are counted: 300 x 300 for SSD300, ``size`` (320) square for SSDLite; for
+    Faster R-CNN a 4:3 image resized to ``min_size`` (e.g. 600 x 800, a typical VOC image), capped at ``max_size``."""
     if cfg.name == "ssd300_vgg16":
         return (3, 300, 300)
+    if cfg.name == "ssdlite_mobilenet_v2":
+        return (3, ssdlite_size(cfg), ssdlite_size(cfg))
     return (3, cfg.min_size, min(cfg.max_size, round(cfg.min_size * 4 / 3)))
 
 

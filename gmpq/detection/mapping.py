@@ -1,5 +1,5 @@
-"""From classification-network names to detector names: a policy searched on ``resnet18`` / ``vgg16`` (or their
-weights) applied to the backbone of Faster R-CNN / SSD300.
+"""From classification-network names to detector names: a policy searched on ``resnet18`` / ``vgg16`` /
+``mobilenetv2`` (or their weights) applied to the backbone of Faster R-CNN / SSD300 / SSDLite.
 
 Name rules (pure functions; ``None`` means "dropped: the detector has no such layer"):
 
@@ -12,6 +12,9 @@ vgg16 (torchvision)  ``features.N.*``, N <= 22 (conv1_1..conv4_3)  ``backbone.fe
 vgg16                ``features.N.*``, 23 <= N <= 29 (pool4,       ``backbone.extra.0.<N - 23>.*``, i.e. conv5_1..3
                      conv5_1..conv5_3)                            = ``features.24/26/28`` -> ``extra.0.1/3/5``
 vgg16                ``features.30`` (pool5), ``classifier.*``    dropped (SSD has its own pool5, fc6 and fc7)
+mobilenetv2          ``features.N.*``                            ``backbone.features.N.*`` (SSDLite)
+(torchvision, TF                                                 ``backbone.body.N.*`` (Faster R-CNN FPN)
+'SAME' padding)      ``classifier.*``                            dropped
 ===================  ==========================================  ==============================================
 
 The rules work on module names and on state-dict keys alike (a key is a module name plus ``.param``).
@@ -57,10 +60,29 @@ def vgg16_to_ssd(name: str) -> str | None:
     raise KeyError(name)
 
 
+def _mobilenetv2_rule(prefix: str) -> Callable[[str], str | None]:
+    """``features.N.rest`` -> ``<prefix>N.rest``; the classifier is dropped."""
+
+    def rule(name: str) -> str | None:
+        parts = name.split(".")
+        if parts[0] == "classifier":
+            return None
+        if parts[0] != "features" or len(parts) < 2 or not parts[1].isdigit():
+            raise KeyError(name)
+        return prefix + ".".join(parts[1:])
+
+    return rule
+
+
+mobilenetv2_to_ssdlite = _mobilenetv2_rule("backbone.features.")
+mobilenetv2_to_fasterrcnn = _mobilenetv2_rule("backbone.body.")
+
 # detector name -> (source gmpq model, name rule)
 RULES: dict[str, tuple[str, Callable[[str], str | None]]] = {
     "fasterrcnn_resnet18_fpn": ("resnet18", resnet18_to_fasterrcnn),
     "ssd300_vgg16": ("vgg16", vgg16_to_ssd),
+    "ssdlite_mobilenet_v2": ("mobilenetv2", mobilenetv2_to_ssdlite),
+    "fasterrcnn_mobilenet_v2_fpn": ("mobilenetv2", mobilenetv2_to_fasterrcnn),
 }
 
 

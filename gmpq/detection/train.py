@@ -2,8 +2,9 @@
 fine-tune (quantization-aware), evaluate with VOC mAP and COCO AP.
 
 Outputs in ``cfg.out_dir``: ``config.yaml``, ``policy_detector.json`` (the policy in detector names),
-``checkpoint.pt`` (each epoch, atomic; ``--resume``), ``model_final.pt`` (state dict + detector policy + config +
-class names: the input of ``gmpq evaluate-det``), ``result.json``, ``log.jsonl`` and TensorBoard events in ``tb/``.
+``checkpoint.pt`` (each epoch, atomic; ``--resume``), ``log.jsonl`` and TensorBoard events in ``tb/``; after the last
+epoch, derived from the checkpoint: ``model_final.pt`` (state dict + detector policy + config + class names: the input
+of ``gmpq evaluate-det``) and ``result.json``. The epochs run on ``gmpq.runtime.fit``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
+from torchvision.models.detection import FasterRCNN
 
 from gmpq.config import config_to_dict, save_config
 from gmpq.detection.config import DetFinetuneConfig
@@ -29,13 +29,14 @@ from gmpq.io import atomic_write_json, ensure_writable_dir
 from gmpq.quant import apply_policy, calibrate, cost_summary, layer_bits, load_policy, save_policy
 from gmpq.runtime import (
     DistInfo,
-    RunLog,
-    check_finite,
+    Task,
+    fit,
     init_distributed,
     load_checkpoint,
-    restore_training,
+    load_resume,
     save_checkpoint,
     set_seed,
+    shutdown_distributed,
 )
 
 
@@ -47,9 +48,11 @@ def quantize_detector(model: nn.Module, policy: dict, cfg: DetFinetuneConfig, so
     return det_policy
 
 
-def calibrate_detector(model: nn.Module, loader, num_batches: int, device: torch.device) -> dict:
+def calibrate_detector(model: nn.Module, loader, num_batches: int, device: torch.device, progress: bool = False
+                       ) -> dict:
     """Activation ranges from ``num_batches`` batches of images run through the whole detector (eval mode)."""
-    return calibrate(model, (([im.to(device) for im in images],) for images, _ in loader), num_batches)
+    return calibrate(model, (([im.to(device) for im in images],) for images, _ in loader), num_batches,
+                     progress=progress)
 
 
 def backbone_costs(model: nn.Module, det_policy: dict, input_size) -> dict:
@@ -67,45 +70,11 @@ def backbone_costs(model: nn.Module, det_policy: dict, input_size) -> dict:
             "mapped_float_bops_g": sum(r["macs"] for r in rows) * 32 * 32 / 1e9, "mapped_layers": len(rows)}
 
 
-def _schedule(opt: torch.optim.Optimizer, cfg: DetFinetuneConfig, steps_per_epoch: int):
-    """Per-iteration LR factor: linear warm-up from 0.001, then x gamma at each milestone epoch."""
-    marks = sorted({max(1, round(f * cfg.epochs)) * steps_per_epoch for f in cfg.milestones})
-
-    def factor(it: int) -> float:
-        warm = 1.0 if it >= cfg.warmup_iters else 0.001 + (1 - 0.001) * it / cfg.warmup_iters
-        return warm * cfg.gamma ** sum(it >= m for m in marks)
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def train_epoch(net: nn.Module, loader, opt, sched, cfg: DetFinetuneConfig, info: DistInfo, log: RunLog, epoch: int,
-                steps: int, ckpt) -> dict[str, float]:
-    net.train()
-    if hasattr(loader.sampler, "set_epoch"):
-        loader.sampler.set_epoch(epoch)
-    sums: dict[str, float] = {}
-    t0 = time.time()
-    bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and info.is_main))
-    for step, (images, targets) in enumerate(bar):
-        if step >= steps:
-            break
-        terms = net([im.to(info.device) for im in images], training_targets(targets, info.device))
-        it = epoch * steps + step
-        check_finite(terms, it, ckpt if ckpt.exists() else None)
-        loss = sum(terms.values())  # torchvision's detection losses come weighted already: all weights are 1
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        values = {k: v.item() for k, v in terms.items()} | {"loss": loss.item()}
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + v
-        bar.set_postfix(loss=f"{values['loss']:.3f}")
-        log.scalars("train", values | {"lr": opt.param_groups[0]["lr"]}, it)
-    n = max(min(steps, len(loader)), 1)
-    return {k: v / n for k, v in sums.items()} | {"seconds_per_iter": (time.time() - t0) / n}
+def loss_weights(model: nn.Module) -> dict[str, float]:
+    """torchvision's detection losses come weighted already: every term has weight 1."""
+    if isinstance(model, FasterRCNN):
+        return {k: 1.0 for k in ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")}
+    return {"bbox_regression": 1.0, "classification": 1.0}  # SSD, SSDLite
 
 
 def finetune_det(cfg: DetFinetuneConfig, resume: bool = False) -> dict:
@@ -114,7 +83,16 @@ def finetune_det(cfg: DetFinetuneConfig, resume: bool = False) -> dict:
         raise UserError("finetune-det needs a policy: --policy FILE (a policy of the source classifier, e.g. from "
                         "`gmpq search` on resnet18 or vgg16, or `gmpq policy uniform`)")
     info = init_distributed(cfg.device)
+    try:
+        return _finetune_det(cfg, info, resume)
+    finally:
+        shutdown_distributed(info)
+
+
+def _finetune_det(cfg: DetFinetuneConfig, info: DistInfo, resume: bool) -> dict:
     out = ensure_writable_dir(cfg.out_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed + info.rank)
     policy = load_policy(cfg.policy)
     train_ds, test_ds = build_datasets(cfg.data)
@@ -127,49 +105,64 @@ def finetune_det(cfg: DetFinetuneConfig, resume: bool = False) -> dict:
     train_loader = make_loader(train_ds, cfg.data.batch_size, True, cfg.data.num_workers, info.distributed)
     test_loader = make_loader(test_ds, cfg.data.eval_batch_size, False, cfg.data.num_workers)
     steps = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader), cfg.max_steps_per_epoch)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
-    sched = _schedule(opt, cfg, steps)
-    ckpt = out / "checkpoint.pt"
-    log = RunLog(out, enabled=info.is_main, tensorboard=cfg.tensorboard, resume=resume)
-    start, before = 0, None
-    if resume:
-        state = restore_training(ckpt, model, opt, sched, info.device)
-        start, before = state["epoch"], state["before"]
-        log.truncate(start)
-    else:
-        calibrate_detector(model, train_loader, cfg.calib_batches, info.device)
+    state = load_resume(out, info.device) if resume else None
+    if state is None:
+        calibrate_detector(model, train_loader, cfg.calib_batches, info.device, cfg.progress and info.is_main)
         before = _evaluate(model, test_ds, test_loader, cfg, info) if cfg.eval_before else {}
+    else:
+        before = state["extra"]["before"]
     if info.is_main:
         save_config(cfg, out / "config.yaml")
         save_policy(det_policy, out / "policy_detector.json")
-    net = DistributedDataParallel(model) if info.distributed else model
-    metrics, train = before, {}
-    for epoch in range(start, cfg.epochs):
-        t0 = time.time()
-        train = train_epoch(net, train_loader, opt, sched, cfg, info, log, epoch, steps, ckpt)
-        last = epoch + 1 == cfg.epochs
-        if last or (epoch + 1) % cfg.eval_every == 0:
-            metrics = _evaluate(model, test_ds, test_loader, cfg, info)
-        if info.is_main:
-            save_checkpoint(ckpt, model=model.state_dict(), optimizer=opt.state_dict(),
-                            scheduler=sched.state_dict(), epoch=epoch + 1, before=before, metrics=metrics)
-            log.epoch({"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}, **_scalars(metrics, "test_"),
-                       "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0})
-            log.scalars("test", {k: v for k, v in _scalars(metrics).items() if v is not None}, epoch)
-    result = {"name": out.name, "detector": cfg.detector.name, "policy": cfg.policy,
-              "method": policy["created_by"].get("method"), "data": cfg.data.format, "data_root": cfg.data.root,
-              "epochs": cfg.epochs, "steps_per_epoch": steps, **_scalars(metrics),
-              **_scalars(before, "before_finetune_"), "per_class": metrics.get("per_class"),
-              "seconds_per_iter": train.get("seconds_per_iter"), "train_data": train_ds.stats,
-              "test_data": test_ds.stats,
-              **backbone_costs(model, det_policy, cost_input_size(cfg.detector))}
-    if info.is_main:
-        save_checkpoint(out / "model_final.pt", model=model.state_dict(), policy=det_policy,
-                        config=config_to_dict(cfg), class_names=train_ds.class_names)
-        atomic_write_json(out / "result.json", result)
-    log.close()
-    return result
+    timing = {"seconds": 0.0, "steps": 0, "last": None,
+              "seconds_per_iter": (state or {}).get("extra", {}).get("seconds_per_iter")}
+
+    def tick() -> None:
+        """Close the running step: from its start to the next step, the evaluation or the checkpoint."""
+        if timing["last"] is not None:
+            timing["seconds"] += time.perf_counter() - timing["last"]
+            timing["steps"] += 1
+            timing["last"] = None
+
+    def step(net: nn.Module, batch) -> dict[str, torch.Tensor]:
+        tick()
+        timing["last"] = time.perf_counter()  # a step: loading, forward, backward, optimizer
+        images, targets = batch
+        return net([im.to(info.device) for im in images], training_targets(targets, info.device))
+
+    def evaluate() -> dict:
+        tick()
+        return _evaluate(model, test_ds, test_loader, cfg, info)
+
+    def extra() -> dict:
+        tick()
+        if timing["steps"]:
+            timing["seconds_per_iter"] = timing["seconds"] / timing["steps"]
+        return {"before": before, "seconds_per_iter": timing["seconds_per_iter"]}
+
+    def write_final(epoch: int, metrics: dict) -> None:
+        if epoch == cfg.epochs:
+            save_checkpoint(out / "model_final.pt", model=model.state_dict(), policy=det_policy,
+                            config=config_to_dict(cfg), class_names=train_ds.class_names)
+            atomic_write_json(out / "result.json", result(metrics))
+
+    def result(metrics: dict) -> dict:
+        return {"name": out.name, "detector": cfg.detector.name, "policy": cfg.policy,
+                "method": policy["created_by"].get("method"), "data": cfg.data.format, "data_root": cfg.data.root,
+                "epochs": cfg.epochs, "steps_per_epoch": steps, **_scalars(metrics),
+                **_scalars(before, "before_finetune_"), "per_class": metrics.get("per_class"),
+                "seconds_per_iter": timing["seconds_per_iter"], "train_data": train_ds.stats,
+                "test_data": test_ds.stats, **backbone_costs(model, det_policy, cost_input_size(cfg.detector))}
+
+    task = Task(model=model, optimizer=torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                                       momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+                loader=train_loader, loss_terms=step, weights=loss_weights(model), name="finetune-det",
+                evaluate=evaluate, on_epoch_start=lambda epoch: model.train(), extra_state=extra,
+                write_outputs=write_final)
+    run = fit(task, cfg, info, state)
+    if run.epoch == 0 and info.is_main:
+        write_final(0, before)
+    return result(run.metrics if run.epoch else before)
 
 
 def _evaluate(model, ds, loader, cfg: DetFinetuneConfig, info: DistInfo) -> dict:

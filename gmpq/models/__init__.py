@@ -12,7 +12,8 @@ from gmpq.models.registry import (
     model_spec,
     register_model,
 )
+from gmpq.models.search_variants import create_search_model, has_search_variant, is_search_variant
 from gmpq.models.weights import load_weights
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ModelSpec", "create_model", "list_models", "load_weights",
-           "model_spec", "register_model"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ModelSpec", "create_model", "create_search_model", "has_search_variant",
+           "is_search_variant", "list_models", "load_weights", "model_spec", "register_model"]

@@ -1,4 +1,5 @@
-"""Load a local checkpoint into a model, with errors that name the file and list every mismatch at once."""
+"""Load a local checkpoint into a model, with errors that name the file and list every mismatch at once; weights
+that are not finite (NaN, inf) are refused."""
 
 from __future__ import annotations
 
@@ -46,6 +47,31 @@ def extract_state_dict(obj: object, path: str | Path = "<checkpoint>") -> dict[s
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+def check_finite_state(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse a state dict holding NaN or inf in any floating tensor: such a model evaluates to garbage (or to a
+    plausible-looking accuracy) without a word. The error names the tensors and how many values are bad."""
+    bad = []
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()):
+            n = int((~torch.isfinite(v)).sum())
+            if n:
+                bad.append(f"{k} ({n} of {v.numel()} values)")
+    if bad:
+        shown = bad[:10] + ([f"... {len(bad) - 10} more"] if len(bad) > 10 else [])
+        raise UserError(f"{source} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s): "
+                        f"{', '.join(shown)}; the training that wrote it diverged: use an earlier checkpoint")
+
+
+def stored_policy(path: str | Path) -> dict | None:
+    """The policy a checkpoint stores (``gmpq finetune``'s ``model_final.pt`` and ``checkpoint.pt`` do), or None."""
+    path = expand_path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {str(path)!r} does not exist")
+    obj = _torch_load(path)
+    policy = obj.get("policy") if isinstance(obj, dict) else None
+    return policy if isinstance(policy, dict) else None
+
+
 def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> dict[str, list[str]]:
     """Load ``path`` into ``model`` in place.
 
@@ -57,6 +83,7 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> dic
     if not path.is_file():
         raise UserError(f"weights file {str(path)!r} does not exist")
     state = extract_state_dict(_torch_load(path), path)
+    check_finite_state(state, f"weights file {str(path)!r}")
     own = model.state_dict()
     # BN step counters are bookkeeping, not weights; checkpoints from older torch (the CIFAR ResNets) lack them
     missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))

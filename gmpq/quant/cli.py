@@ -1,17 +1,13 @@
-"""Backend verbs: ``gmpq policy {uniform,validate,show}``, ``gmpq cost`` and ``gmpq export``."""
+"""Backend verbs: ``gmpq policy {uniform,validate,show}``, ``gmpq cost`` (``gmpq export``: gmpq/deploy)."""
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-import torch
-
+from gmpq.cli import positive_int
 from gmpq.io import atomic_write_json, atomic_write_text
 from gmpq.quant.cost import cost_summary, format_summary
-from gmpq.quant.export import export_packed, theoretical_packed_bytes
-from gmpq.quant.policy import apply_policy, layer_bits, load_policy, save_policy, uniform_policy
+from gmpq.quant.policy import layer_bits, load_policy, save_policy, uniform_policy
 
 
 def _model(name: str, num_classes: int | None, weights: str | None = None):
@@ -23,7 +19,8 @@ def _model(name: str, num_classes: int | None, weights: str | None = None):
 
 def _summary_dict(model, policy: dict, input_size) -> dict:
     s = cost_summary(model, layer_bits(policy, model), input_size)
-    return {"bops_g": s["bops"] / 1e9, "macs_m": s["macs"] / 1e6, "size_mb": s["size_bytes"] / 1e6,
+    return {"bops_g": s["bops"] / 1e9, "quantized_bops_g": s["quantized_bops"] / 1e9,  # whole model / papers'
+            "macs_m": s["macs"] / 1e6, "size_mb": s["size_bytes"] / 1e6,
             "avg_w_bits": s["avg_w_bits"], "avg_a_bits": s["avg_a_bits"], "compression": s["compression"],
             "input_size": list(input_size)}
 
@@ -53,11 +50,38 @@ def cmd_random(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_derive(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gmpq.models import model_spec
+    from gmpq.search.export import budget_exact_policy  # late import: the search layer sits above the backend
+
+    src = Path(args.search)
+    src = src / "policy.json" if src.is_dir() else src
+    policy = load_policy(src)
+    model, spec = _model(policy["model"], args.num_classes)
+    out = budget_exact_policy(policy, model, model_spec(policy["model"]).input_size, args.gbops, args.size_mb,
+                              args.convention, min_fraction=args.min_fraction)
+    save_policy(out, args.out)
+    s = out["summary"]
+    print(f"wrote {args.out}: {policy['model']} within the budget, {s['bops_g']:.4f} GBOPs whole model, "
+          f"{s['quantized_bops_g']:.4f} GBOPs quantized layers only, {s['size_mb']:.4f} MB, "
+          f"log-probability {s['log_prob']:.3f} (argmax: {policy['summary'].get('bops_g', float('nan')):.4f} GBOPs)")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    policy = load_policy(args.policy)
-    model, spec = _model(args.model or policy["model"], args.num_classes)
-    bits = layer_bits(policy, model, source=f"policy file {args.policy!r}")
-    print(f"{args.policy}: valid for {args.model or policy['model']} ({len(bits)} quantizable layers, "
+    from gmpq.errors import UserError
+    from gmpq.io import read_json
+
+    policy = read_json(args.policy, what="policy file")  # schema and name problems are reported together below
+    name = args.model or (policy.get("model") if isinstance(policy, dict) else None)
+    if not isinstance(name, str):
+        load_policy(args.policy)  # no usable model name: report the schema problems alone
+        raise UserError(f"policy file {args.policy!r} names no model; pass --model NAME")
+    model, spec = _model(name, args.num_classes)
+    bits = layer_bits(policy, model, source=f"policy file {args.policy!r}", model_name=args.model)
+    print(f"{args.policy}: valid for {name} ({len(bits)} quantizable layers, "
           f"{sum(1 for w, _ in bits.values() if w < 32)} quantized)")
     return 0
 
@@ -67,7 +91,8 @@ def cmd_cost(args: argparse.Namespace) -> int:
     input_size = tuple(args.input_size) if args.input_size else spec.input_size
     bits = {}
     if args.policy:
-        bits = layer_bits(load_policy(args.policy), model, source=f"policy file {args.policy!r}")
+        bits = layer_bits(load_policy(args.policy), model, source=f"policy file {args.policy!r}",
+                          model_name=args.model)
     summary = cost_summary(model, bits, input_size)
     title = f"{args.model} @ {'x'.join(map(str, input_size))}" + (f" with {args.policy}" if args.policy else " (float)")
     text = format_summary(summary, title)
@@ -79,30 +104,14 @@ def cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from gmpq.models import load_weights
-    from gmpq.quant.calibrate import require_calibrated
+def cmd_models(args: argparse.Namespace) -> int:
+    from gmpq.models import list_models, model_spec
 
-    policy = load_policy(args.policy)
-    model, spec = _model(args.model, args.num_classes)
-    apply_policy(model, policy, args.w_method, args.a_method, source=f"policy file {args.policy!r}",
-                 model_name=args.model)
-    load_weights(model, args.weights, strict=True)
-    require_calibrated(model)
-    out = Path(args.out)
-    stats = export_packed(model.eval(), policy, out, meta={"weights": str(args.weights)})
-    stats["theoretical_bytes"] = theoretical_packed_bytes(model)
-    if not args.no_onnx:
-        from gmpq.quant.onnx_export import export_onnx, run_onnx
-
-        onnx_path = out.with_suffix(".onnx")
-        x = torch.randn(2, *spec.input_size, generator=torch.Generator().manual_seed(0))
-        export_onnx(model, x[:1], onnx_path)
-        with torch.no_grad():
-            stats["onnx"] = str(onnx_path)
-            stats["onnx_max_abs_diff"] = float((run_onnx(onnx_path, x) - model(x)).abs().max())
-    atomic_write_json(out.with_suffix(out.suffix + ".json"), stats)
-    print(json.dumps(stats, indent=2))
+    print(f"{'model':<18} {'input (C, H, W)':<16} {'classes':>7}  first layer / classifier")
+    for name in list_models():
+        s = model_spec(name)
+        print(f"{name:<18} {'x'.join(map(str, s.input_size)):<16} {s.num_classes:>7}  {s.first_layer} / "
+              f"{s.classifier}")
     return 0
 
 
@@ -112,6 +121,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the registered models with their input size and classes")
+    p.set_defaults(func=cmd_models)
+
     pol = sub.add_parser("policy", help="make, validate and inspect policy files")
     psub = pol.add_subparsers(dest="policy_verb", metavar="ACTION", required=True)
 
@@ -132,6 +144,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_random)
 
+    p = psub.add_parser("derive", help="budget-exact policy from a search: most probable bits within a budget (ILP)")
+    p.add_argument("--search", required=True, help="search output folder (its policy.json) or a searched policy file")
+    p.add_argument("--gbops", type=float, default=None, help="BOPs budget per image, in G (1e9)")
+    p.add_argument("--size-mb", type=float, default=None, help="model size budget in MB (1e6 bytes)")
+    p.add_argument("--convention", default="whole", choices=["whole", "quantized"],
+                   help="BOPs of the whole model (default) or of the quantized layers only (the papers' tables)")
+    p.add_argument("--min-fraction", type=float, default=None,
+                   help="also use at least this fraction of the BOPs budget (e.g. 0.99: same BOPs for every method)")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier size of the deployment model")
+    p.add_argument("--out", required=True, help="policy JSON to write")
+    p.set_defaults(func=cmd_derive)
+
     p = psub.add_parser("validate", help="check a policy against a model; every problem in one message")
     p.add_argument("policy")
     p.add_argument("--model", default=None, help="model name (default: the policy's)")
@@ -141,18 +165,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cost", help="MACs, BOPs, size and average bits of a model, float or with a policy")
     _add_model_args(p)
     p.add_argument("--policy", default=None)
-    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"), default=None)
+    p.add_argument("--input-size", type=positive_int, nargs=3, metavar=("C", "H", "W"), default=None,
+                   help="input size in pixels (default: the model's)")
     p.add_argument("--json", default=None, help="also write the summary as JSON")
     p.add_argument("--markdown", default=None, help="also write the table as markdown")
     p.set_defaults(func=cmd_cost)
 
-    p = sub.add_parser("export", help="packed integer checkpoint of a quantized (calibrated/fine-tuned) model")
-    _add_model_args(p)
-    p.add_argument("--weights", required=True, help="state dict of the quantized model (e.g. from gmpq finetune)")
-    p.add_argument("--policy", required=True)
-    p.add_argument("--w-method", default="symmetric", choices=["symmetric", "lsq"])
-    p.add_argument("--a-method", default="pact", choices=["pact", "lsq+"])
-    p.add_argument("--out", required=True, help="packed file to write (stats go to OUT.json, ONNX to OUT-stem.onnx)")
-    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX (QDQ) export")
-    p.set_defaults(func=cmd_export)
 

@@ -3,7 +3,10 @@
 Definitions (per image, for a given input size):
 - MACs of a conv: ``H_out * W_out * C_out * (C_in / groups) * k_h * k_w``; of a linear: ``(numel(out) /
   out_features) * out_features * in_features``. Registered layer types may define ``macs(inputs, output)``.
-- BOPs = MACs x w_bits x a_bits, with 32 for a full-precision side.
+- BOPs = MACs x w_bits x a_bits, with 32 for a full-precision side. Two conventions, both reported:
+  ``bops`` counts the WHOLE model (full-precision layers such as the first conv and the classifier at 32 x 32);
+  ``quantized_bops`` counts only the quantized layers (``w_bits < 32``), which is the convention of the GMPQ and
+  EdMIPS papers' tables (their first and last layers stay in full precision and are left out).
 - Size: quantized layers' weights at ``w_bits``; every other parameter (biases, norms, full-precision layers) at 32
   bits. Buffers (BN running statistics) are not counted: they fold into the weights at deployment.
 - Average weight bits: over the weights of all quantizable layers, weighted by parameter count.
@@ -71,8 +74,9 @@ def cost_summary(model: nn.Module, layer_bits: dict[str, tuple[int, int | None]]
                  macs: dict[str, int] | None = None) -> dict:
     """Totals and per-layer rows for ``model`` at ``layer_bits`` (``{name: (w_bits, a_bits)}``; missing = 32/32).
 
-    Returns ``{"macs", "bops", "float_bops", "size_bytes", "float_size_bytes", "avg_w_bits", "avg_a_bits",
-    "compression", "params", "layers": [{"name", "type", "params", "macs", "w_bits", "a_bits", "bops"}]}``.
+    Returns ``{"macs", "bops", "float_bops", "quantized_bops", "quantized_float_bops", "size_bytes",
+    "float_size_bytes", "avg_w_bits", "avg_a_bits", "compression", "params",
+    "layers": [{"name", "type", "params", "macs", "w_bits", "a_bits", "bops"}]}``.
     BOPs are per image; sizes in bytes.
     """
     macs = macs if macs is not None else measure_macs(model, input_size)
@@ -93,10 +97,13 @@ def cost_summary(model: nn.Module, layer_bits: dict[str, tuple[int, int | None]]
     size_bits += other * F.FULL_PRECISION
     qparams = sum(r["params"] for r in rows) or 1
     total_macs = sum(r["macs"] for r in rows) or 1
+    quantized = [r for r in rows if r["w_bits"] < F.FULL_PRECISION]
     return {
         "macs": sum(r["macs"] for r in rows),
         "bops": sum(r["bops"] for r in rows),
         "float_bops": sum(r["macs"] for r in rows) * F.FULL_PRECISION**2,
+        "quantized_bops": sum(r["bops"] for r in quantized),
+        "quantized_float_bops": sum(r["macs"] for r in quantized) * F.FULL_PRECISION**2,
         "size_bytes": size_bits / 8,
         "float_size_bytes": total_params * 4,
         "avg_w_bits": sum(r["params"] * r["w_bits"] for r in rows) / qparams,
@@ -118,7 +125,9 @@ def format_summary(summary: dict, title: str = "") -> str:
     lines += [
         "",
         f"- MACs: {summary['macs'] / 1e6:.3f} M per image",
-        f"- BOPs: {summary['bops'] / 1e9:.4f} G (float: {summary['float_bops'] / 1e9:.3f} G)",
+        f"- BOPs, whole model: {summary['bops'] / 1e9:.4f} G (float: {summary['float_bops'] / 1e9:.3f} G)",
+        f"- BOPs, quantized layers only (the papers' convention): {summary['quantized_bops'] / 1e9:.4f} G "
+        f"(same layers in float: {summary['quantized_float_bops'] / 1e9:.3f} G)",
         f"- size: {summary['size_bytes'] / 1e6:.4f} MB (float: {summary['float_size_bytes'] / 1e6:.4f} MB), "
         f"compression {summary['compression']:.2f}x",
         f"- average bits: weights {summary['avg_w_bits']:.3f} (by parameters), "

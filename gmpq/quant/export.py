@@ -45,6 +45,20 @@ def unpack_codes(data: bytes, bits: int, count: int) -> np.ndarray:
     return (planes << np.arange(bits, dtype=np.uint16)).sum(axis=1).astype(np.uint16)
 
 
+def quantized_weight(module: nn.Module) -> tuple[str, torch.Tensor]:
+    """``(attribute name, tensor)`` of the weight a quantized layer's ``w_quant`` acts on: ``weight``, or the
+    first of ``quantized_weights()`` for layer types that declare it (DETR attention: ``in_proj_weight``)."""
+    w = module.quantized_weights()[0] if hasattr(module, "quantized_weights") else module.weight
+    for attr, p in module.named_parameters(recurse=False):
+        if p is w:
+            return attr, w
+    raise UserError(f"export: cannot find the quantized weight of {type(module).__name__} among its parameters")
+
+
+def _scale_key(weight_key: str) -> str:
+    return weight_key.rsplit(".", 1)[0] + ".w_quant.scale"
+
+
 def _tensor_bytes(t: torch.Tensor) -> tuple[bytes, str]:
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bool:
@@ -69,15 +83,17 @@ def export_packed(model: nn.Module, policy: dict, path: str | os.PathLike, meta:
     for name, module in model.named_modules():
         if not is_quantized(module) or module.w_quant.bits >= 32:
             continue
-        codes, scale = module.w_quant.codes_and_scale(module.weight)
+        attr, weight = quantized_weight(module)
+        codes, scale = module.w_quant.codes_and_scale(weight)
         qmin, _ = module.w_quant.qrange
         blob = pack_codes((codes - qmin).to(torch.int64).cpu().numpy(), module.w_quant.bits)
-        records.append([f"{name}.weight", "packed", list(codes.shape), module.w_quant.bits, qmin, len(blob)])
+        key = f"{name}.{attr}" if name else attr
+        records.append([key, "packed", list(codes.shape), module.w_quant.bits, qmin, len(blob)])
         blobs.append(blob)
         blob, dtype = _tensor_bytes(scale.float())
-        records.append([f"{name}.w_quant.scale", "raw", list(scale.shape), dtype, 0, len(blob)])
+        records.append([_scale_key(key), "raw", list(scale.shape), dtype, 0, len(blob)])
         blobs.append(blob)
-        packed_keys.update({f"{name}.weight", f"{name}.w_quant.scale"})
+        packed_keys.update({key, _scale_key(key)})
     for key, t in state.items():
         if key not in packed_keys:
             blob, dtype = _tensor_bytes(t)
@@ -104,9 +120,10 @@ def theoretical_packed_bytes(model: nn.Module) -> int:
     total, skip = 0, set()
     for name, m in model.named_modules():
         if is_quantized(m) and m.w_quant.bits < 32:
-            total += math.ceil(m.weight.numel() * m.w_quant.bits / 8)
-            total += 4 * (m.weight.shape[0] if m.w_quant.per_channel else 1)
-            skip.add(f"{name}.weight")
+            attr, w = quantized_weight(m)
+            total += math.ceil(w.numel() * m.w_quant.bits / 8)
+            total += 4 * (w.shape[0] if m.w_quant.per_channel else 1)
+            skip.add(f"{name}.{attr}")
     for key, t in model.state_dict().items():
         if key not in skip and not key.endswith("w_quant.scale"):
             total += t.numel() * t.element_size()
@@ -142,7 +159,7 @@ def read_packed(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
         else:
             state[key] = _bytes_tensor(blob, fmt, shape)
     for key in packed:  # codes * scale, broadcasting a per-channel scale over dim 0
-        scale = state[key.removesuffix("weight") + "w_quant.scale"]
+        scale = state[_scale_key(key)]
         view = [-1] + [1] * (state[key].dim() - 1) if scale.numel() > 1 else []
         state[key] = state[key] * scale.reshape(view)
     return header, state

@@ -52,7 +52,7 @@ def make_quantizers(layer: nn.Module, spec: LayerSpec, out_channels: int) -> Non
     layer.spec = spec
     layer.w_quant = WeightQuantizer(spec.w_bits, spec.w_method, spec.per_channel, out_channels)
     layer.a_quant = ActQuantizer(spec.a_bits or F.FULL_PRECISION, spec.a_method)
-    layer.w_quant.init_from(layer.weight)
+    layer.w_quant.init_mse(layer.weight) if spec.get("w_init") == "mse" else layer.w_quant.init_from(layer.weight)
 
 
 class QConv2d(nn.Conv2d):

@@ -11,8 +11,10 @@ QAT, export).
     }
 
 ``w_bits`` is one of 2..8 or 32 (not quantized); ``a_bits`` one of 2..8, 32 or null (input not quantized).
-Optional per-layer ``w_method``/``a_method`` override the consumer's quantizer choice; ``attn_bits`` is passed to
-layer types that use it (attention).
+Optional per-layer ``w_method``/``a_method`` override the consumer's quantizer choice (``w_init``: ``lsq`` or
+``mse``, how an LSQ weight step starts; a searched policy records the quantizer its search assumed, so the deployed
+layer quantizes as the search did); ``attn_bits`` is passed to layer types that use it (attention). A quantizer
+name the consumer does not know is a schema error that lists the accepted names.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from gmpq.quant.modules import LayerSpec, quantizable_layers, swap_layers
 from gmpq.quant.quantizers import ACT_METHODS, WEIGHT_METHODS
 
 FORMAT = "gmpq-policy/1"
-EXTRA_SPEC_KEYS = ("attn_bits",)
+EXTRA_SPEC_KEYS = ("attn_bits", "w_init")
+W_INITS = ("lsq", "mse")  # per-layer ``w_init`` of an LSQ step: 2 mean|W| / sqrt(Qp), or the MSE-optimal step
 BITS_TEXT = f"{list(F.ALLOWED_BITS)}"
 
 
@@ -73,7 +76,7 @@ def _check_layer(entry: Any, where: str) -> list[str]:
             problems.append(p)
     if "attn_bits" in entry and (p := _check_bits_field(entry["attn_bits"], "attn_bits", where, True)):
         problems.append(p)
-    for field, allowed in (("w_method", WEIGHT_METHODS), ("a_method", ACT_METHODS)):
+    for field, allowed in (("w_method", WEIGHT_METHODS), ("a_method", ACT_METHODS), ("w_init", W_INITS)):
         if field in entry and entry[field] not in allowed:
             problems.append(f"{where}: {field}={entry[field]!r} is not accepted; accepted values: {list(allowed)}")
     return problems
@@ -81,8 +84,15 @@ def _check_layer(entry: Any, where: str) -> list[str]:
 
 def check_schema(policy: Any, source: str = "policy") -> None:
     """Raise one ``UserError`` listing every schema problem (fields, types, bit-widths)."""
+    problems = schema_problems(policy)
+    if problems:
+        raise UserError(f"{source}: invalid policy:\n  - " + "\n  - ".join(problems))
+
+
+def schema_problems(policy: Any) -> list[str]:
+    """Every schema problem of ``policy`` (fields, types, bit-widths), as a list of messages."""
     if not isinstance(policy, dict):
-        raise UserError(f"{source}: a policy must be a JSON object with keys format, model, created_by, layers")
+        return ["a policy must be a JSON object with keys format, model, created_by, layers"]
     problems = []
     if policy.get("format") != FORMAT:
         problems.append(f"field 'format' is {policy.get('format')!r}; accepted value: {FORMAT!r}")
@@ -101,8 +111,7 @@ def check_schema(policy: Any, source: str = "policy") -> None:
         problems += _check_layer(policy["default"], "default")
     if "summary" in policy and not isinstance(policy["summary"], dict):
         problems.append("field 'summary' must be an object")
-    if problems:
-        raise UserError(f"{source}: invalid policy:\n  - " + "\n  - ".join(problems))
+    return problems
 
 
 def load_policy(path: str | os.PathLike) -> dict:
@@ -129,14 +138,15 @@ def resolve_policy(policy: dict, model: nn.Module, source: str = "policy",
     One ``UserError`` lists every unknown module name, every non-quantizable target and every quantizable layer
     the policy does not cover (unless it has a ``default``), plus a model-name mismatch when ``model_name`` is given.
     """
-    check_schema(policy, source)
+    problems = schema_problems(policy)  # reported together with the name problems below: one message
+    if not isinstance(policy, dict) or not isinstance(policy.get("layers"), dict):
+        check_schema(policy, source)
     qlayers = quantizable_layers(model)
     modules = dict(model.named_modules())
     layers = policy["layers"]
     unknown = [n for n in layers if n not in modules or not n]
     wrong = [f"{n} ({type(modules[n]).__name__})" for n in layers if n in modules and n and n not in qlayers]
     uncovered = [n for n in qlayers if n not in layers] if "default" not in policy else []
-    problems = []
     if model_name is not None and policy["model"] != model_name:
         problems.append(f"the policy is for model {policy['model']!r}, not {model_name!r}")
     if unknown:
@@ -149,16 +159,17 @@ def resolve_policy(policy: dict, model: nn.Module, source: str = "policy",
         problems.append(f"{len(uncovered)} quantizable layer(s) of the model are not in the policy (add them or set "
                         f"a 'default'): {uncovered}")
     if problems:
-        raise UserError(f"{source} does not match the model:\n  - " + "\n  - ".join(problems))
+        raise UserError(f"{source} is invalid or does not match the model:\n  - " + "\n  - ".join(problems))
     return {n: dict(layers.get(n, policy.get("default"))) for n in qlayers}
 
 
 validate_policy = resolve_policy
 
 
-def layer_bits(policy: dict, model: nn.Module, source: str = "policy") -> dict[str, tuple[int, int | None]]:
-    """``{name: (w_bits, a_bits)}`` for every quantizable layer."""
-    return {n: (e["w_bits"], e["a_bits"]) for n, e in resolve_policy(policy, model, source).items()}
+def layer_bits(policy: dict, model: nn.Module, source: str = "policy",
+               model_name: str | None = None) -> dict[str, tuple[int, int | None]]:
+    """``{name: (w_bits, a_bits)}`` for every quantizable layer (``model_name``: refuse a policy for another)."""
+    return {n: (e["w_bits"], e["a_bits"]) for n, e in resolve_policy(policy, model, source, model_name).items()}
 
 
 def policy_specs(policy: dict, model: nn.Module, w_method: str = "symmetric", a_method: str = "pact",

@@ -103,10 +103,14 @@ class ActQuantizer(nn.Module):
     ``signed`` (PACT) is decided at calibration: True when any observed input is negative.
     ``init="mse"`` (LSQ+ only) instead picks the range ``r * [min, max]`` with the least quantization MSE on a
     sample of the observed values (``functional.mse_step_offset``).
+    ``batch_dim``: the batch dimension of the input (0 for ``[B, ...]``, 1 for sequence-first ``[L, B, E]``); LSQ's
+    gradient scale ``1/sqrt(N Qp)`` counts the N values of ONE sample, ``x.numel() / x.shape[batch_dim]``.
     """
 
-    def __init__(self, bits: int, method: str = "pact", percentile: float = 0.999, init: str = "minmax"):
+    def __init__(self, bits: int, method: str = "pact", percentile: float = 0.999, init: str = "minmax",
+                 batch_dim: int = 0):
         super().__init__()
+        self.batch_dim = batch_dim
         self.bits = F.check_bits(bits, "a_bits")
         self.method = check_method(method, ACT_METHODS, "a_method")
         self.init = check_method(init, ACT_INITS, "activation init")
@@ -183,7 +187,8 @@ class ActQuantizer(nn.Module):
         if self.method == "pact":
             return F.pact_fake_quant(x, self.alpha, self.bits, signed=bool(self.signed))
         qmin, qmax = self.qrange
-        return F.lsq_fake_quant(x, self.step, qmin, qmax, offset=self.offset, numel_per_step=x[0].numel())
+        return F.lsq_fake_quant(x, self.step, qmin, qmax, offset=self.offset,
+                               numel_per_step=x.numel() // max(x.shape[self.batch_dim], 1))
 
     def _qdq(self, x: Tensor) -> Tensor:
         qmin, qmax = self.qrange

@@ -78,3 +78,20 @@ def reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.distributed:
         dist.all_reduce(t)
     return t
+
+
+@torch.no_grad()
+def allreduce_grads(params: list[torch.nn.Parameter], info: DistInfo) -> None:
+    """Average gradients over processes with one flat all-reduce (a missing gradient counts as zero). For steps
+    that DDP cannot wrap, e.g. the search's Grad-CAM, which differentiates with ``create_graph=True``."""
+    if not info.distributed:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= info.world_size
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n

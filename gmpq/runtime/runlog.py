@@ -1,4 +1,8 @@
-"""Run logs: one JSON line per epoch (``log.jsonl``, rewritten atomically), TensorBoard scalars, seeding."""
+"""Run logs: ``log.jsonl`` (one JSON record per finished epoch, rewritten atomically in full), TensorBoard, seeding.
+
+The records live in the checkpoint (``engine.fit``), so ``log.jsonl`` is derived: a crash while writing it loses
+nothing, and ``--resume`` rewrites it from the checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -19,25 +23,21 @@ def set_seed(seed: int) -> None:
 
 
 class RunLog:
-    """``scalar()`` goes to TensorBoard (``<out>/tb``); ``epoch()`` appends a JSON line to ``<out>/log.jsonl``.
+    """``scalar()`` goes to TensorBoard (``<out>/tb``); ``lines`` are the epoch records of ``<out>/log.jsonl``.
 
-    Only the main process writes (``enabled=False`` elsewhere). With ``resume`` the existing lines are kept (then
-    ``truncate`` them to the finished epochs), so no finished epoch is lost; a fresh run starts an empty log.
+    Only the main process writes (``enabled=False`` elsewhere).
     """
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True, resume: bool = False):
+    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 lines: list[dict] | None = None):
         self.path = Path(out_dir) / "log.jsonl"
         self.enabled = enabled
-        self.lines = self.path.read_text().splitlines() if enabled and resume and self.path.exists() else []
+        self.lines: list[dict] = list(lines or [])
         self.tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
-
-    def truncate(self, epochs_done: int) -> None:
-        """Drop lines of epochs >= ``epochs_done`` (a resumed run repeats an unfinished epoch)."""
-        self.lines = [ln for ln in self.lines if json.loads(ln).get("epoch", -1) < epochs_done]
 
     def scalar(self, name: str, value: float, step: int) -> None:
         if self.tb is not None:
@@ -47,13 +47,18 @@ class RunLog:
         for k, v in values.items():
             self.scalar(f"{prefix}/{k}", v, step)
 
-    def epoch(self, record: dict) -> None:
+    def rewrite(self) -> None:
+        """Write every record to ``log.jsonl`` (atomically: the file is always a whole log)."""
         if not self.enabled:
             return
-        self.lines.append(json.dumps(record))
-        atomic_write_text(self.path, "\n".join(self.lines) + "\n")
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.lines))
         if self.tb is not None:
             self.tb.flush()
+
+    def epoch(self, record: dict) -> None:
+        """Append ``record`` and rewrite the file."""
+        self.lines.append(record)
+        self.rewrite()
 
     def close(self) -> None:
         if self.tb is not None:

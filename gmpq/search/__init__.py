@@ -7,5 +7,6 @@ complexity loss and the capacity-aware attribution-rank loss; it exports a polic
     run_search(load_config(SearchConfig, "recipes/quickstart.yaml"))
 
 Modules: ``mixed`` (mixed layers), ``hypernet`` (build from a model), ``gradcam``, ``losses``, ``train`` (the loop),
-``setup`` (teacher and hypernet), ``runtime`` (distributed, checkpoints), ``export`` (policy and chart), ``cli``.
+``setup`` (teacher and hypernet, search-time variants), ``export`` (policy, costs and chart), ``derive``
+(budget-exact policies, ILP), ``probe`` (per-term gradient norms on the importance logits), ``cli``.
 """

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Literal
 
 from gmpq.data import DataConfig
+from gmpq.runtime.settings import RunConfig
 from gmpq.search.mixed import check_candidates
 
 
@@ -30,10 +31,13 @@ class HypernetConfig:
 
 @dataclasses.dataclass
 class LossConfig:
-    zeta: float = 1.0  # weight of the complexity loss R_C
-    eta: float = 1.0  # weight of the attribution loss R_G; 0 = EdMIPS
+    zeta: float = 10.0  # weight of the complexity loss R_C (our choice; the paper gives none)
+    eta: float = 0.05  # weight of R_G; 0 = EdMIPS. Chosen by measurement (scripts/grad_shares.py, docs/search.md):
+    #  at zeta = 10, eta = 0.05 makes R_G's gradient on the importance logits 0.8-2x R_C's. The paper gives no value
     complexity_mode: Literal["penalty", "target"] = "penalty"
     target_gbops: float | None = None  # budget in GBOPs per image (target mode): no penalty at or below it
+    final_policy: Literal["budget", "argmax"] = "budget"  # target mode, last epoch: the budget-exact policy (ILP,
+    #  gmpq.search.derive) or the plain argmax of the importance logits
     attribution_layer: str | None = None  # module name; None = the model's last convolutional feature map
     attribution_class: Literal["label", "teacher"] = "label"
     topk: int = 1000  # pixels of the teacher map compared (capped by the pixel count)
@@ -59,33 +63,34 @@ class OptimConfig:
     arch_lr: float = 1e-3  # importance logits
     weight_decay: float = 0.0  # network weights only; never on the importance logits
     momentum: float = 0.9  # sgd only
-    milestones: list[float] = dataclasses.field(default_factory=lambda: [0.5, 0.75])  # fractions of the epochs
-    gamma: float = 0.1
 
 
 @dataclasses.dataclass
-class SearchConfig:
+class SearchConfig(RunConfig):
+    """The shared run settings (``RunConfig``: out_dir, epochs, seed, threads, device, milestones, gamma, ...) and the
+    search's own. The lr is multiplied by ``gamma`` at each milestone (fractions of the epochs: 50 % and 75 %)."""
+
+    out_dir: str = "runs/search"
+    epochs: int = 10
+    milestones: list[float] = dataclasses.field(default_factory=lambda: [0.5, 0.75])
     model: str = "small_cnn"
     num_classes: int | None = None  # None = the model's default
     weights: str | None = None  # pretrained float weights: the teacher, and the warm start
     init_weights: str | None = None  # without ``weights``: initialise the float model before pretraining (non-strict:
     #  layers whose shape differs, e.g. a 1000-class ImageNet head for a 10-class search, keep their random init)
     warm_start: bool = True  # initialise the hypernet's weights from ``weights``
+    stem: Literal["auto", "search", "deploy"] = "auto"  # "search": the model's small-input variant
+    #  (gmpq.models.search_variants: CIFAR stem, last map 4x4 at 32x32, same layer names); "auto": the variant when
+    #  the model has one and the search images are at most half the deployment size; "deploy": the model as is
     pretrain_epochs: int = 0  # without ``weights``: train the float model this long first (it becomes the teacher)
     pretrain_lr: float = 3e-3
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     hypernet: HypernetConfig = dataclasses.field(default_factory=HypernetConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    epochs: int = 10
-    max_steps_per_epoch: int | None = None  # cap the steps of an epoch (quick runs, tests)
-    out_dir: str = "runs/search"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    threads: int | None = None  # torch CPU threads per process (None = torch default)
-    progress: bool = True  # tqdm progress bar with ETA (rank 0)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.epochs < 1:
             raise ValueError(f"epochs={self.epochs} must be >= 1")
         if self.pretrain_epochs < 0:

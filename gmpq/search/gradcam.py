@@ -111,3 +111,32 @@ def student_attribution(features: Tensor, logits: Tensor, target: Tensor, size: 
     else:
         cam = grad_cam(features, logits, target, create_graph=True)
     return upsample(cam, size)
+
+
+MIN_MAP_SIDE = 2
+
+
+@torch.no_grad()
+def check_attribution_map(model: nn.Module, layer: str, input_shape: tuple[int, ...], model_name: str = "") -> tuple:
+    """The ``(h, w)`` of ``layer``'s map for inputs ``(C, H, W)``; a ``UserError`` when a side is below 2.
+
+    A 1 x 1 map upsamples to a constant: the attribution loss is then constant and its gradient ~0, so the search
+    would silently be EdMIPS. ``model`` is a float model (run once, eval mode, on zeros).
+    """
+    was_training = model.training
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        model.eval()
+        with capture_features(model, layer) as store:
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+    h, w = store["features"].shape[-2:]
+    if min(h, w) < MIN_MAP_SIDE:
+        raise UserError(
+            f"the attribution layer {layer!r} of {model_name or type(model).__name__} has a {h} x {w} map at input "
+            f"size {input_shape[-2]} x {input_shape[-1]}: its Grad-CAM would be constant and R_G would not act "
+            f"(a map of at least {MIN_MAP_SIDE} x {MIN_MAP_SIDE} is needed). Fix: use the model's search-time "
+            "variant (stem=search or stem=auto; models with one: see gmpq.models.search_variants), search on larger "
+            "images (data.image_size), choose an earlier loss.attribution_layer, or set loss.eta=0 (EdMIPS)")
+    return int(h), int(w)

@@ -102,3 +102,10 @@ def calibrate_hypernet(model: nn.Module, batches: Iterable, num_batches: int = 4
 
 def full_precision_entry() -> dict:
     return {"w_bits": QF.FULL_PRECISION, "a_bits": None}
+
+
+@torch.no_grad()
+def refit_weight_steps(model: nn.Module) -> None:
+    """Refit every mixed layer's MSE-optimal weight steps to the current weights (e.g. at each epoch start)."""
+    for m in mixed_layers(model).values():
+        m.fit_weight_steps()
