@@ -107,6 +107,17 @@ def probe_one_layer(loss_fn: Callable[[], Tensor], params: list[Tensor], vec: li
     return float(sum((u * h).sum() for u, h in zip(vec, hv)))
 
 
+def _layer_grads(loss: Tensor, layers: dict[str, list[Tensor]]):
+    """``(name, params, grads)`` per layer, the gradients from ONE backward with ``create_graph`` (the graph every
+    probe of every layer reuses)."""
+    flat = [p for ps in layers.values() for p in ps]
+    grads = torch.autograd.grad(loss, flat, create_graph=True, allow_unused=True)
+    i = 0
+    for n, ps in layers.items():
+        yield n, ps, grads[i:i + len(ps)]
+        i += len(ps)
+
+
 def probe_per_layer(loss: Tensor, layers: dict[str, list[Tensor]], gen: torch.Generator, probes: int = 1
                     ) -> dict[str, Tensor]:
     """``{layer: [probes] samples v_l^T H_ll v_l}``, every layer probed on its own, from ONE gradient graph.
@@ -114,13 +125,8 @@ def probe_per_layer(loss: Tensor, layers: dict[str, list[Tensor]], gen: torch.Ge
     ``probes`` > 1 batches a layer's probes in one double backward (``is_grads_batched``). A layer the loss does
     not reach, or reaches only linearly, gets exact zeros.
     """
-    names = list(layers)
-    flat = [p for n in names for p in layers[n]]
-    grads = torch.autograd.grad(loss, flat, create_graph=True, allow_unused=True)
-    out, i = {}, 0
-    for n in names:
-        ps, gs = layers[n], grads[i:i + len(layers[n])]
-        i += len(ps)
+    out = {}
+    for n, ps, gs in _layer_grads(loss, layers):
         vs = rademacher_like(ps, gen, probes)
         live = [k for k, g in enumerate(gs) if g is not None and g.requires_grad]
         samples = torch.zeros(probes, dtype=torch.float64)
@@ -139,13 +145,8 @@ def hutchpp_per_layer(loss: Tensor, layers: dict[str, list[Tensor]], gen: torch.
                       ) -> dict[str, float]:
     """``{layer: Hutch++ estimate of Tr(H_ll)}`` for every layer, from ONE gradient graph (3k Hessian-vector
     products per layer, in three batched double backwards). See the module docstring."""
-    names = list(layers)
-    flat = [p for n in names for p in layers[n]]
-    grads = torch.autograd.grad(loss, flat, create_graph=True, allow_unused=True)
-    out, i = {}, 0
-    for n in names:
-        ps, gs = layers[n], grads[i:i + len(layers[n])]
-        i += len(ps)
+    out = {}
+    for n, ps, gs in _layer_grads(loss, layers):
         live = [j for j, g in enumerate(gs) if g is not None and g.requires_grad]
         if not live:
             out[n] = 0.0

@@ -15,10 +15,10 @@ def cmd_attribution(args: argparse.Namespace) -> int:
                             policy=args.policy, quant_weights=args.quant_weights,
                             data=DataConfig(**data_arg(args.data), augment=False), images=args.images,
                             grid=args.grid, top=args.top, layer=args.layer, target=args.target,
-                            calib_batches=args.calib_batches, device=args.device, out_dir=args.out)
+                            calib_batches=args.calib_batches, device=args.device, out_dir=args.out_dir)
     result = run_attribution(cfg)
     print(json.dumps({k: v for k, v in result.items() if k != "ard_per_image"}, indent=2))
-    print(f"wrote {args.out}/attribution.json" + (f" and {args.out}/gradcam_grid.png" if args.grid else ""))
+    print(f"wrote {args.out_dir}/attribution.json" + (f" and {args.out_dir}/gradcam_grid.png" if args.grid else ""))
     return 0
 
 
@@ -41,5 +41,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="class both maps explain: the float model's prediction (default) or the label")
     p.add_argument("--calib-batches", type=int, default=8)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out-dir", required=True, help="output folder")
     p.set_defaults(func=cmd_attribution)

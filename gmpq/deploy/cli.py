@@ -15,7 +15,7 @@ from gmpq.errors import UserError
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     sets = list(args.set or [])
-    for flag, key in (("model", "model"), ("weights", "weights"), ("policy", "policy"), ("out", "out_dir"),
+    for flag, key in (("model", "model"), ("weights", "weights"), ("policy", "policy"), ("out_dir", "out_dir"),
                       ("epochs", "epochs")):
         value = getattr(args, flag, None)
         if value is not None:
@@ -76,9 +76,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from gmpq.deploy.report import report
 
-    out = report(args.results, args.out, extra=args.extra)
+    out = report(args.results, args.out_dir, extra=args.extra)
     print(out["markdown"])
-    print(f"\nwrote {Path(args.out) / 'report.md'}, report.json, report.png")
+    print(f"\nwrote {Path(args.out_dir) / 'report.md'}, report.json, report.png")
     return 0
 
 
@@ -92,7 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--test-data", default=None, help="evaluate on this dataset instead of DATA's test split")
     p.add_argument("--also", action="append", metavar="DATA", help="also evaluate the result on DATA (repeatable)")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--out", default=None, help="output folder (out_dir)")
+    p.add_argument("--out-dir", default=None, help="output folder (the setting out_dir)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, repeatable")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.set_defaults(func=cmd_finetune)
@@ -149,6 +149,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("report", help="table and accuracy-vs-BOPs plot of several result.json files")
     p.add_argument("results", nargs="+")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out-dir", required=True, help="output folder")
     p.add_argument("--extra", nargs="*", default=None, help="extra accuracy keys to show (e.g. top1_jpeg)")
     p.set_defaults(func=cmd_report)

@@ -19,7 +19,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
     sets = list(args.set or [])
     for flag, key in (("detector", "detector.name"), ("policy", "policy"), ("backbone_weights",
-                      "detector.backbone_weights"), ("epochs", "epochs"), ("out", "out_dir")):
+                      "detector.backbone_weights"), ("epochs", "epochs"), ("out_dir", "out_dir")):
         value = getattr(args, flag, None)
         if value is not None:
             sets.append(f"{key}={value}")
@@ -73,11 +73,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune-det", help="quantize a detector's backbone per a classification policy, fine-tune")
     p.add_argument("--recipe", default=None, help="YAML recipe (DetFinetuneConfig keys), e.g. recipes/det_*.yaml")
     p.add_argument("--detector", default=None, choices=DETECTOR_NAMES)
-    p.add_argument("--policy", default=None, help="policy JSON of the source classifier (resnet18 / vgg16 / mobilenetv2)")
+    p.add_argument("--policy", default=None, help="policy JSON of the source classifier (resnet18, vgg16, mobilenetv2)")
     p.add_argument("--data", default=None, help="voc:VOCDEVKIT, coco:FOLDER, or a folder (format detected)")
     p.add_argument("--backbone-weights", default=None, help="local state dict of the source classifier")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--out", default=None, help="output folder (out_dir)")
+    p.add_argument("--out-dir", default=None, help="output folder (the setting out_dir)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, repeatable")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.set_defaults(func=cmd_finetune_det)

@@ -79,6 +79,7 @@ class DetFinetuneConfig(RunConfig):
     rest_a_bits: int | None = None
     calib_batches: int = 8
     lr: float = 0.01
+    lr_backbone: float | None = None  # lr of the backbone (None = lr); lower for a BN-folded pretrained one
     momentum: float = 0.9
     weight_decay: float = 1e-4
     eval_before: bool = True  # also score the calibrated, not yet fine-tuned detector (post-training quantization)

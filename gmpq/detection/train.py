@@ -77,6 +77,18 @@ def loss_weights(model: nn.Module) -> dict[str, float]:
     return {"bbox_regression": 1.0, "classification": 1.0}  # SSD, SSDLite
 
 
+def _optimizer(model: nn.Module, cfg: DetFinetuneConfig) -> torch.optim.Optimizer:
+    """SGD with two groups: the backbone at ``lr_backbone`` (default ``lr``), everything else at ``lr``. A pretrained
+    backbone whose BN is folded into its weights (the ImageNet MobileNetV2) has large gradients relative to its
+    weights: at the heads' lr it is destroyed, at its own safe lr the heads learn too slowly."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    backbone = [p for n, p in named if n.startswith("backbone.")]
+    rest = [p for n, p in named if not n.startswith("backbone.")]
+    lr_backbone = cfg.lr if cfg.lr_backbone is None else cfg.lr_backbone
+    return torch.optim.SGD([{"params": rest, "lr": cfg.lr}, {"params": backbone, "lr": lr_backbone}],
+                           momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 def finetune_det(cfg: DetFinetuneConfig, resume: bool = False) -> dict:
     """Run the detection fine-tuning described by ``cfg``; returns the dict also written to ``result.json``."""
     if not cfg.policy:
@@ -154,8 +166,7 @@ def _finetune_det(cfg: DetFinetuneConfig, info: DistInfo, resume: bool) -> dict:
                 "seconds_per_iter": timing["seconds_per_iter"], "train_data": train_ds.stats,
                 "test_data": test_ds.stats, **backbone_costs(model, det_policy, cost_input_size(cfg.detector))}
 
-    task = Task(model=model, optimizer=torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                                       momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+    task = Task(model=model, optimizer=_optimizer(model, cfg),
                 loader=train_loader, loss_terms=step, weights=loss_weights(model), name="finetune-det",
                 evaluate=evaluate, on_epoch_start=lambda epoch: model.train(), extra_state=extra,
                 write_outputs=write_final)
