@@ -13,8 +13,9 @@ Variables ``x[l, j]`` in {0, 1}: layer ``l`` gets candidate bit-width ``bits[j]`
 Exactness: Omega spans many decades (traces and quantization errors both do), while HiGHS's stopping gap and
 reduced-cost tests are absolute. The solver therefore minimises the excess over each layer's cheapest choice
 and solves twice, the second time with the costs scaled so that the first answer's objective is 1e4
-(``_solve_exact``); tests compare it with brute force and with an independent dynamic program over the integer
-budget on instances whose Omega spans 8 decades (100 layers x bits {3, 4, 5, 6}).
+(``gmpq.quant.milp.solve_exact``, shared with the search's budget-exact policy); tests compare it with brute
+force and with an independent dynamic program over the integer budget on instances whose Omega spans 8 decades
+(100 layers x bits {3, 4, 5, 6}).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from gmpq.errors import UserError
+from gmpq.quant.milp import solve_exact
 
 STATUS = {0: "optimal", 1: "iteration or time limit", 2: "infeasible", 3: "unbounded", 4: "other"}
 
@@ -88,7 +90,7 @@ def solve_bit_allocation(omega: np.ndarray, params: np.ndarray, bits: Sequence[i
     for slack in (0.0, 1e-6):  # HiGHS accepts rows violated within its feasibility tolerance: retry tighter
         cons = [LinearConstraint(one_hot, 1, 1)]
         cons += [LinearConstraint(row[None, :], -np.inf, ub - slack * abs(ub)) for _, row, ub, _ in rows]
-        c, res = _solve_exact(excess, cons, time_limit, lo, hi)
+        c, res = solve_exact(excess, cons, time_limit, f"feasible average-bit targets are {lo:g} to {hi:g}")
         flat = (excess.max(1) <= 1e-12 * max(excess.max(), 1e-300)).any()
         if fill_budget and flat and res.status == 0:
             res = _fill_budget(c, res, cons, params, bits_arr)
@@ -103,40 +105,6 @@ def solve_bit_allocation(omega: np.ndarray, params: np.ndarray, bits: Sequence[i
     return {"bits": [int(b) for b in chosen_bits], "choice": [int(j) for j in choice],
             "status": STATUS.get(res.status, str(res.status)), "message": str(res.message),
             "objective": float(omega[np.arange(n_layers), choice].sum()), "avg_bits": avg, "seconds": seconds}
-
-
-OBJECTIVE_SCALE = 1e4  # the optimal objective, rescaled, that the second solve sees
-
-
-def _milp(c: np.ndarray, cons: list, time_limit: float, lo: float, hi: float):
-    res = milp(c, integrality=np.ones_like(c), bounds=Bounds(0, 1), constraints=cons,
-               options={"mip_rel_gap": 0.0, "time_limit": time_limit})
-    if res.x is None:
-        raise UserError(f"the bit allocation ILP has no solution (HiGHS status {res.status}: "
-                        f"{STATUS.get(res.status, res.message)}); feasible average-bit targets are "
-                        f"{lo:g} to {hi:g}")
-    return res
-
-
-def _solve_exact(excess: np.ndarray, cons: list, time_limit: float, lo: float, hi: float):
-    """-> (costs as solved, HiGHS result) for ``min sum excess x``, optimal to ~1e-10 of the objective.
-
-    HiGHS stops when the incumbent is within an ABSOLUTE gap of 1e-6 of its bound (``mip_abs_gap``, which
-    scipy does not expose) and judges reduced costs with absolute tolerances. Scaled by the largest cost, an
-    objective made of low-sensitivity layers can be ~1e-4, so allocations up to 1e-2 worse passed as optimal.
-    So: solve once scaled by the largest cost, then again scaled so that the first solution's objective is
-    ``OBJECTIVE_SCALE`` (1e4): the absolute gap is then 1e-10 of the objective, whatever the spread of Omega.
-    """
-    top = float(excess.max())
-    c = (excess / (top if top > 0 else 1.0)).ravel()
-    res = _milp(c, cons, time_limit, lo, hi)
-    obj = float(c @ np.round(res.x))
-    if res.status == 0 and obj > 0:
-        c = c * (OBJECTIVE_SCALE / obj)
-        res2 = _milp(c, cons, time_limit, lo, hi)
-        if float(c @ np.round(res2.x)) <= OBJECTIVE_SCALE:  # never keep a worse answer
-            res = res2
-    return c, res
 
 
 def _fill_budget(c: np.ndarray, res, cons: list, params: np.ndarray, bits: np.ndarray):

@@ -18,9 +18,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.optimize import LinearConstraint
 
 from gmpq.errors import UserError
+from gmpq.quant.milp import solve_exact
 from gmpq.quant.policy import make_policy
 
 LOG_FLOOR = 1e-12  # a probability of exactly 0 (underflow) still gets a finite cost
@@ -62,8 +63,6 @@ def solve_policy_ilp(costs: list[np.ndarray], rows: list[tuple[str, list[np.ndar
     sizes = [len(c) for c in costs]
     n = sum(sizes)
     excess = np.concatenate([c - c.min() for c in costs])  # a per-layer constant does not change the argmin
-    top = excess.max()
-    c = excess / top if top > 0 else excess  # keep the objective O(1): HiGHS tolerances are absolute
     starts = np.cumsum([0] + sizes[:-1])
     one_hot = np.zeros((len(costs), n))
     for k, (s, m) in enumerate(zip(starts, sizes)):
@@ -78,10 +77,7 @@ def solve_policy_ilp(costs: list[np.ndarray], rows: list[tuple[str, list[np.ndar
         if lb > sum(float(cf.max()) for cf in coef):
             raise UserError(f"the lower {name} bound is above the all-maximum-bits cost: {feasible}")
         cons.append(LinearConstraint(row[None, :] / scale, lb / scale, ub / scale))
-    res = milp(c, integrality=np.ones(n), bounds=Bounds(0, 1), constraints=cons,
-               options={"mip_rel_gap": 0.0, "time_limit": time_limit})
-    if res.x is None:
-        raise UserError(f"the bit allocation ILP found no solution (HiGHS: {res.message})")
+    _, res = solve_exact(excess, cons, time_limit, "relax the budget (see `gmpq cost` for the feasible range)")
     x = np.round(res.x)
     choice = [int(np.argmax(x[s:s + m])) for s, m in zip(starts, sizes)]
     for name, coef, ub, _ in rows:  # exact check in float64: never hand back a policy over the budget
