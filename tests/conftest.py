@@ -41,3 +41,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="session")
+def train_digits_cnn():
+    """``fn(epochs) -> small_cnn`` trained in float on scikit-learn's digits (Adam 3e-3, batch 64, seed 0): the
+    deployment starting point of the deploy and export tests."""
+    from torch import nn
+
+    from gmpq.data import DataConfig, build_loaders
+    from gmpq.models import create_model
+
+    def train(epochs: int) -> nn.Module:
+        torch.manual_seed(0)
+        model = create_model("small_cnn")
+        loader, _ = build_loaders(DataConfig(name="digits", batch_size=64))
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(epochs):
+            for x, y in loader:
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+        return model
+
+    return train

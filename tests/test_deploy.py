@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gmpq.config import load_config
-from gmpq.data import DataConfig, build_loaders
+from gmpq.data import DataConfig
 from gmpq.deploy import finetune as ft
 from gmpq.deploy.config import FinetuneConfig
 from gmpq.deploy.report import report
@@ -20,17 +20,9 @@ from gmpq.quant import apply_policy, save_policy, uniform_policy
 
 
 @pytest.fixture(scope="module")
-def digits_float(tmp_path_factory) -> str:
+def digits_float(tmp_path_factory, train_digits_cnn) -> str:
     """small_cnn trained in full precision on digits for a few epochs (the deployment starting point)."""
-    torch.manual_seed(0)
-    model = create_model("small_cnn")
-    train, _ = build_loaders(DataConfig(name="digits", batch_size=64))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(4):
-        for x, y in train:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
+    model = train_digits_cnn(4)
     path = tmp_path_factory.mktemp("float") / "small_cnn_digits.pt"
     torch.save({"state_dict": model.state_dict()}, path)
     return str(path)

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
-from gmpq.data import DataConfig, build_loaders
+from gmpq.data import DataConfig
 from gmpq.deploy.calibration import calibrate_on_data
 from gmpq.deploy.export_model import ExportConfig, export_model
 from gmpq.deploy.run_eval import EvalConfig, evaluate_model
@@ -22,19 +21,11 @@ from gmpq.runtime import save_checkpoint
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, train_digits_cnn):
     """A small_cnn trained in float on digits, W4A4 and W2A2 policies, and a 'fine-tuned' W4A4 checkpoint
     (calibrated, storing its policy and training data like gmpq finetune's model_final.pt)."""
     d = tmp_path_factory.mktemp("export")
-    torch.manual_seed(0)
-    model = create_model("small_cnn")
-    train, _ = build_loaders(DataConfig(name="digits", batch_size=64))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(3):
-        for x, y in train:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
+    model = train_digits_cnn(3)
     torch.save({"state_dict": model.state_dict()}, d / "float.pt")
     for bits in (4, 2):
         save_policy(uniform_policy(create_model("small_cnn"), "small_cnn", bits, bits), d / f"w{bits}.json")
