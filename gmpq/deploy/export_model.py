@@ -29,6 +29,7 @@ from gmpq.deploy.run_eval import EvalConfig, build_eval_model
 from gmpq.errors import UserError
 from gmpq.io import atomic_write_json
 from gmpq.models import model_spec
+from gmpq.models.weights import checkpoint_config
 from gmpq.quant import export_packed, is_calibrated, theoretical_packed_bytes
 from gmpq.quant.modules import quantizers_disabled
 from gmpq.quant.policy_agreement import describe
@@ -55,8 +56,7 @@ class ExportConfig:
 
 def _checkpoint_data(weights: str) -> str | None:
     """The training data recorded in a fine-tune checkpoint's config (``name`` or ``name:root``), if any."""
-    obj = torch.load(weights, map_location="cpu", weights_only=False)
-    data = obj.get("config", {}).get("data", {}) if isinstance(obj, dict) else {}
+    data = checkpoint_config(weights).get("data", {})
     if not isinstance(data, dict) or not data.get("name"):
         return None
     return data["name"] + (f":{data['root']}" if data.get("root") else "")

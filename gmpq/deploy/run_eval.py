@@ -13,7 +13,7 @@ from gmpq.deploy.evaluate import evaluate
 from gmpq.deploy.finetune import quantized_result
 from gmpq.errors import UserError
 from gmpq.models import create_model, load_weights, model_spec
-from gmpq.models.weights import stored_policy
+from gmpq.models.weights import checkpoint_config, stored_policy
 from gmpq.paths import expand_path
 from gmpq.quant import apply_policy, is_calibrated, layer_specs, load_packed
 from gmpq.quant.policy_agreement import choose_policy, describe
@@ -72,8 +72,7 @@ def build_eval_model(cfg: EvalConfig) -> tuple[torch.nn.Module, dict | None, str
 
 def _methods(path: str) -> dict:
     """Quantizer methods recorded in a fine-tune checkpoint's config (defaults otherwise)."""
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    conf = obj.get("config", {}) if isinstance(obj, dict) else {}
+    conf = checkpoint_config(path)
     return {k: conf[k] for k in ("w_method", "a_method", "per_channel") if k in conf}
 
 

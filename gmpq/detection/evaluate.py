@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from gmpq.detection.coco_eval import coco_metrics
 from gmpq.detection.data import DetectionDataset
 from gmpq.detection.voc_eval import voc_evaluate
+from gmpq.runtime.progress import progress as show_progress
 
 
 @torch.no_grad()
@@ -19,7 +19,7 @@ def predict(model: nn.Module, loader, device: torch.device, progress: bool = Fal
     model.eval()
     out = {}
     try:
-        for images, targets in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        for images, targets in show_progress(loader, desc="detection evaluation", enabled=progress, unit="batch"):
             dets = model([im.to(device) for im in images])
             for t, d in zip(targets, dets):
                 out[int(t["image_id"])] = {k: d[k].detach().cpu().numpy() for k in ("boxes", "scores", "labels")}

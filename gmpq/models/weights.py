@@ -104,3 +104,11 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> dic
     skip = {k.split(":")[0] for k in mismatched} | set(unexpected)
     model.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=False)
     return report
+
+
+def checkpoint_config(path: str | Path) -> dict:
+    """The ``config`` a training stage stored in its checkpoint (``{}`` for a bare state dict or a foreign file)."""
+    obj = _torch_load(expand_path(path))
+    config = obj.get("config", {}) if isinstance(obj, dict) else {}
+    return config if isinstance(config, dict) else {}
+
