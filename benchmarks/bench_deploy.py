@@ -1,9 +1,11 @@
 """Deployment: onnxruntime CPU latency of the integer ONNX export against the float ONNX model, side by side.
 
 For each case the model is quantized post-training (calibration as ``gmpq evaluate --policy``), written by
-``gmpq.deploy.export_model.write_deploy_files`` (packed file, QDQ reference, integer and float ONNX) and timed in
-one process: every round runs the float and the integer model once each (rotating order) on the same batch, and
-the speed-up is the median of the per-round ratios (``gmpq.deploy.latency``). One intra-op thread by default.
+``gmpq.deploy.export_model.write_deploy_files`` (packed file, QDQ reference, integer and float ONNX), plus the
+integer ONNX in the other output mode (``--int-outputs uint8``: residual outputs requantized, see
+gmpq/quant/onnx_outputs.py), and timed in one process: every round runs the float model and both integer models
+once each (rotating order) on the same batch, and the speed-up is the median of the per-round ratios
+(``gmpq.deploy.latency``). One intra-op thread by default.
 
 Cases: ``resnet20_w8a8`` (uniform W8A8, first conv and classifier float, as ``gmpq policy uniform``),
 ``resnet20_w7a8`` (7-bit weights: codes fit onnxruntime's fast u8s8 kernels, see gmpq/quant/onnx_integer.py),
@@ -98,9 +100,12 @@ def _data(name: str, spec, root: Path | None, calib_batches: int, batch: int, te
 
 
 def run_case(case: str, args) -> dict:
-    from gmpq.deploy.export_model import ExportConfig, write_deploy_files
+    from gmpq.deploy.evaluate import evaluate
+    from gmpq.deploy.export_model import ExportConfig, OrtClassifier, write_deploy_files
+    from gmpq.deploy.latency import compare_latency
     from gmpq.models import create_model, model_spec
     from gmpq.quant import apply_policy, calibrate
+    from gmpq.quant.onnx_integer import export_integer_onnx
 
     name = case.split("_")[0]
     spec, root = model_spec(name), _data_root()
@@ -114,10 +119,19 @@ def run_case(case: str, args) -> dict:
     batch = 64 if name == "resnet20" else 32
     calib, test = _data(name, spec, root, args.calib_batches, batch, 0 if args.quick else args.test_images)
     calibrate(model, calib, len(calib), seed=0)
-    cfg = ExportConfig(model=name, weights=str(weights), latency_rounds=args.rounds, threads=args.threads)
+    cfg = ExportConfig(model=name, weights=str(weights), latency_rounds=args.rounds, threads=args.threads,
+                       latency=False)
     t0 = time.time()
     out = Path(args.out) / case / f"{name}.gmpq"
     rep = write_deploy_files(model, policy, spec.input_size, out, calib, test, cfg)
+    # the other output mode (module docstring): timed in the same interleaved rounds, scored on the same images
+    uint8_path = out.with_suffix(".int_uint8.onnx")
+    rep["integer_onnx_uint8"] = export_integer_onnx(model, calib[0][:1], uint8_path, calib, outputs="uint8").as_dict()
+    if test is not None:
+        rep["top1"]["onnx_integer_uint8_optimized"] = evaluate(OrtClassifier(uint8_path, args.threads), test)["top1"]
+    rep["latency"] = compare_latency({"float": rep["onnx_float_path"], "integer": rep["onnx_integer_path"],
+                                      "integer_uint8": uint8_path}, tuple(spec.input_size), cfg.batch_sizes,
+                                     args.rounds, threads=args.threads)
     rep.update(case=case, seconds=time.time() - t0, pretrained=weights is not None)
     return rep
 
@@ -141,19 +155,21 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_deploy.json").write_text(json.dumps(rows, indent=2, default=str))
     print(f"onnxruntime CPU, {args.threads} thread(s), median of {args.rounds} interleaved rounds; speed-up = "
-          "float time / integer time (CPU time of the process, and wall clock)")
-    print("| case | top-1 float / fake-quant / ORT int (%) | CPU ms/img float, int: b1 | b32 | CPU speedup b1 "
-          "| CPU speedup b32 | wall speedup b1 | wall speedup b32 | size KB packed / int ONNX / float ONNX |")
-    print("|---|---|---|---|---:|---:|---:|---:|---|")
+          "float time / integer time (CPU time of the process; wall clock in the JSON). int = integer ONNX with "
+          "exact float outputs (ConvInteger, default), int-u8 = residual outputs requantized to uint8")
+    print("| case | top-1 float / fake-quant / ORT int / ORT int-u8 (%) | CPU ms/img float, int, int-u8: b1 | b32 "
+          "| speed-up int, int-u8: b1 | b32 | size KB packed / int ONNX / float ONNX |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         lat, t, s = r["latency"]["batch"], r.get("top1"), r["sizes_bytes"]
-        acc = (f"{100 * t['float']:.2f} / {100 * t['fake_quant']:.2f} / {100 * t['onnx_integer_optimized']:.2f} "
-               f"(n={t['n_test']})") if t else "-"
-        b1, b32 = lat[1], lat[32]
-        c1, c32 = b1["cpu_ms_per_image"], b32["cpu_ms_per_image"]
-        print(f"| {r['case']} | {acc} | {c1['float']:.2f}, {c1['integer']:.2f} | {c32['float']:.2f}, "
-              f"{c32['integer']:.2f} | {b1['cpu_speedup']['integer']:.2f} | {b32['cpu_speedup']['integer']:.2f} | "
-              f"{b1['speedup']['integer']:.2f} | {b32['speedup']['integer']:.2f} | "
+        acc = "-"
+        if t:
+            acc = " / ".join(f"{100 * t[k]:.2f}" for k in ("float", "fake_quant", "onnx_integer_optimized",
+                                                             "onnx_integer_uint8_optimized")) + f" (n={t['n_test']})"
+        ms = {b: ", ".join(f"{lat[b]['cpu_ms_per_image'][k]:.2f}" for k in ("float", "integer", "integer_uint8"))
+              for b in (1, 32)}
+        sp = {b: ", ".join(f"{lat[b]['cpu_speedup'][k]:.2f}" for k in ("integer", "integer_uint8")) for b in (1, 32)}
+        print(f"| {r['case']} | {acc} | {ms[1]} | {ms[32]} | {sp[1]} | {sp[32]} | "
               f"{s['packed'] / 1024:.0f} / {s['onnx_integer'] / 1024:.0f} / {s['onnx_float'] / 1024:.0f} |")
     print(f"wrote {Path(args.out) / 'bench_deploy.json'}")
 

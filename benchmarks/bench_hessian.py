@@ -1,7 +1,7 @@
-"""Benchmark: per-layer Hessian traces at EQUAL standard error, ours vs a per-layer PyHessian-style loop.
+"""Benchmark: per-layer Hessian traces at EQUAL standard error, our estimators vs a per-layer PyHessian-style loop.
 
-    .venv/bin/python benchmarks/bench_hessian.py --quick           # < 1 minute (make bench)
-    .venv/bin/python benchmarks/bench_hessian.py --rounds 6 --out runs/bench_hessian.json
+    .venv/bin/python benchmarks/bench_hessian.py --quick           # about a minute on an idle core (make bench)
+    .venv/bin/python benchmarks/bench_hessian.py --out runs/bench_hessian.json   # more rounds, with Hutch++
 
 Models: the reference detector (``detr_ptq/assets/detr_tiny_digits.pth``, its ``output-quant`` sensitivity loss on
 real digits images) and ResNet-20 (``$GMPQ_DATA/cifar_resnets``, cross-entropy on real CIFAR-10 images). One
@@ -11,20 +11,23 @@ micro-batch each, the same for every method. Estimators of ``Tr(H_ll)`` for ever
   and one Hessian-vector product with a Rademacher probe on that layer alone (the reference);
 - ``loop-reuse``: the same probes, the gradient graph built once per batch and reused by every layer (PyHessian
   reuses ``gradsH`` this way);
-- ``per-layer``: ``detr_ptq.ptq.hutchinson.probe_per_layer``: graph reuse plus the ``--probes-per-batch`` probes
-  of a layer batched in one double backward (``is_grads_batched``);
-- ``ours``: ``detr_ptq.ptq.hutchinson.hutchpp_per_layer`` (the default ``hutch++`` mode): graph reuse, and per
-  layer Hutch++ with k = ``--probes-per-batch`` (3k products in three batched double backwards);
-- ``all-layers``: one probe over all layers, one product per probe (the previous estimator), whose per-layer
-  samples carry the cross-layer terms.
+- ``per-layer``: ``hutchinson.probe_per_layer`` (mode ``per-layer``, the default): graph reuse plus the
+  ``--probes-per-batch`` probes of a layer batched in one double backward (``is_grads_batched``);
+- ``grouped``: mode ``grouped``: ``hutchinson.probe_groups`` over the groups that ``pilot_groups`` forms
+  (layers whose measured cross-blocks add at most ``--group-inflation`` x the per-layer variance share one
+  batched double backward, each with its own probe). The pilot's time is charged to every sample:
+  ``pilot seconds / --run-probes`` (the probes per layer of a run, ``HutchinsonConfig.max_probes``) per sample;
+- ``all-layers``: one probe over all layers, one product per probe (mode ``all``);
+- ``hutch++``: mode ``hutch++``, k = ``--probes-per-batch`` (3k products per layer); a sample is one estimate.
 
-The three Hutchinson per-layer methods draw the same kind of sample (``v_l^T H_ll v_l``), so their per-probe
-variances are equal and are pooled; ``all-layers`` and ``ours`` have their own, measured per layer (ours: the
-variance of whole estimates over rounds). Time to reach a standard error s on layer l is ``seconds per sample x
-variance of a sample / s^2``, so the equal-SE speed-up of ours over a method X on layer l is
-``(t_X var_X,l) / (t_ours var_ours,l)``: printed as the median and the minimum over layers. Variances from few
-rounds are themselves rough (``--quick``: 3 Hutch++ estimates); the default settings use more. Methods run in
-interleaved rounds; times are medians over rounds. Timings are CPU seconds on one thread unless ``--threads``.
+``loop``, ``loop-reuse`` and ``per-layer`` draw the same kind of sample (``v_l^T H_ll v_l``), so their per-probe
+variances are equal and are pooled; the others have their own, measured per layer. Time to reach a standard error
+s on layer l is ``seconds per sample x variance of a sample / s^2``, so the equal-SE speed-up of X over the loop
+on layer l is ``(t_loop var_loop,l) / (t_X var_X,l)``: printed as the median and the minimum over layers.
+Variances from few samples are rough (``--quick``: 6 pooled, 8 grouped per layer), so the minimum over 45 layers
+is biased low. Methods run in interleaved rounds; times are medians over rounds of process CPU seconds, one thread (the
+machine is shared: CPU time is far less disturbed by other processes than wall time). The profile splits one
+round into forward, first backward (``create_graph``) and each layer's or group's product.
 """
 
 from __future__ import annotations
@@ -42,10 +45,12 @@ import numpy as np
 import torch
 
 from detr_ptq.ptq.hutchinson import (
+    HutchinsonConfig,
     hutchpp_per_layer,
+    pilot_groups,
     probe_all_layers,
+    probe_groups,
     probe_one_layer,
-    probe_per_layer,
     rademacher_like,
     traced_weights,
 )
@@ -54,6 +59,7 @@ from gmpq.quant.modules import quantizable_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 HUTCHINSON_PER_LAYER = ("loop", "loop-reuse", "per-layer")
+METHODS = ("loop", "loop-reuse", "per-layer", "grouped", "all-layers", "hutch++")
 
 
 def detr_case(images: int) -> tuple[Callable[[], torch.Tensor], dict]:
@@ -85,57 +91,94 @@ def resnet20_case(images: int) -> tuple[Callable[[], torch.Tensor], dict]:
     return (lambda: torch.nn.functional.cross_entropy(model(x), y)), traced_weights(model, quantizable_layers(model))
 
 
-def one_round(method: str, loss_fn, layers: dict, gen: torch.Generator, k: int) -> tuple[float, dict, int]:
-    """-> (seconds, {layer: [samples]}, samples per layer) for one round of ``method``. A Hutchinson sample is one
-    probe's ``v^T H v``; a Hutch++ sample is one whole estimate (3k products per layer)."""
-    t0 = time.perf_counter()
+def one_round(method: str, loss_fn, layers: dict, gen: torch.Generator, k: int, groups: list[list[str]],
+              times: dict) -> tuple[float, dict, int]:
+    """-> (CPU seconds, {layer: [samples]}, samples per layer) for one round of ``method``. A Hutchinson sample is
+    one probe's ``v^T H v`` (grouped: ``v_l . (H v_G)_l``); a Hutch++ sample is one whole estimate. ``times``
+    receives the profile of the ``per-layer`` and ``grouped`` rounds (forward, first backward, each product)."""
+    t0 = time.process_time()
     if method == "loop":
         out = {n: [probe_one_layer(loss_fn, ps, rademacher_like(ps, gen))] for n, ps in layers.items()}
     elif method == "all-layers":
         vec = {n: rademacher_like(ps, gen) for n, ps in layers.items()}
         out = {n: [x] for n, x in probe_all_layers(loss_fn(), layers, vec).items()}
-    elif method == "ours":
+    elif method == "hutch++":
         out = {n: [x] for n, x in hutchpp_per_layer(loss_fn(), layers, gen, k).items()}
     else:
+        loss = loss_fn()
+        times["forward"] = time.process_time() - t0
         probes = 1 if method == "loop-reuse" else k
-        out = {n: s.tolist() for n, s in probe_per_layer(loss_fn(), layers, gen, probes).items()}
-    seconds = time.perf_counter() - t0
+        split = groups if method == "grouped" else [[n] for n in layers]
+        out = {n: s.tolist() for n, s in probe_groups(loss, layers, split, gen, probes, times).items()}
+    seconds = time.process_time() - t0
     return seconds, out, len(next(iter(out.values())))
 
 
-def bench_case(name: str, loss_fn, layers: dict, rounds: dict[str, int], k: int) -> dict:
-    """Interleaved rounds of every method; per layer, the equal-SE cost ``seconds per sample x variance of a
-    sample`` and its ratio to ours."""
+def bench_case(name: str, loss_fn, layers: dict, rounds: dict[str, int], k: int, inflation: float,
+               run_probes: int) -> dict:
+    """Pilot and grouping, then interleaved rounds of every method; per layer, the equal-SE cost ``seconds per
+    sample x variance of a sample`` and the loop's over it; the profile of one round."""
     gen = torch.Generator().manual_seed(0)
+    t0 = time.process_time()
+    groups = pilot_groups(loss_fn(), loss_fn(), layers, gen, inflation)
+    pilot = time.process_time() - t0
+    rounds = {m: r for m, r in rounds.items() if r > 0}
     samples = {m: {n: [] for n in layers} for m in rounds}
     secs: dict[str, list[float]] = {m: [] for m in rounds}
-    one_round("ours", loss_fn, layers, gen, k)  # warm-up
+    profile: dict[str, list[dict]] = {"per-layer": [], "grouped": []}
+    one_round("grouped", loss_fn, layers, gen, k, groups, {})  # warm-up
     for r in range(max(rounds.values())):
         for m in rounds:
             if r < rounds[m]:
-                s, out, per_round = one_round(m, loss_fn, layers, gen, k)
+                times: dict = {}
+                s, out, per_round = one_round(m, loss_fn, layers, gen, k, groups, times)
                 secs[m].append(s / per_round)
+                if m in profile:
+                    profile[m].append(times)
                 for n, xs in out.items():
                     samples[m][n] += xs
     pooled = {n: np.var([x for m in HUTCHINSON_PER_LAYER for x in samples[m][n]], ddof=1) for n in layers}
     var = {m: pooled for m in HUTCHINSON_PER_LAYER}
-    for m in ("ours", "all-layers"):
-        var[m] = {n: np.var(samples[m][n], ddof=1) for n in layers}
+    for m in ("grouped", "all-layers", "hutch++"):
+        if m in rounds:
+            var[m] = {n: np.var(samples[m][n], ddof=1) for n in layers}
     t = {m: statistics.median(v) for m, v in secs.items()}
-    live = [n for n in layers if pooled[n] > 0 and var["ours"][n] > 0]
-    ratios = {}
-    for m in rounds:
-        if m != "ours":
-            per_layer = [t[m] * var[m][n] / (t["ours"] * var["ours"][n]) for n in live]
-            ratios[m] = {"median": float(np.median(per_layer)), "min": float(np.min(per_layer)),
-                         "max": float(np.max(per_layer))}
-    var_ratio = [var["all-layers"][n] / pooled[n] for n in live]
-    return {"case": name, "layers": len(layers), "k": k, "rounds": rounds, "seconds_per_sample": t,
-            "equal_se_speedup_of_ours_over": ratios,
-            "all_layers_variance_over_per_layer": {"median": float(np.median(var_ratio)),
-                                                   "min": float(np.min(var_ratio)), "max": float(np.max(var_ratio))},
+    t["grouped"] += pilot / run_probes
+    live = [n for n in layers if pooled[n] > 0 and all(var[m][n] > 0 for m in var)]
+    ratios = {m: _spread([t["loop"] * pooled[n] / (t[m] * var[m][n]) for n in live]) for m in rounds if m != "loop"}
+    return {"case": name, "layers": len(layers), "k": k, "rounds": rounds, "group_inflation": inflation,
+            "groups": [g for g in groups if len(g) > 1], "num_groups": len(groups), "pilot_seconds": pilot,
+            "run_probes": run_probes, "seconds_per_sample": t, "equal_se_speedup_over_loop": ratios,
+            "grouped_variance_over_per_layer": _spread([var["grouped"][n] / pooled[n] for n in live]),
+            "all_layers_variance_over_per_layer": _spread([var["all-layers"][n] / pooled[n] for n in live]),
             "negative_mean_traces": {m: int(sum(np.mean(samples[m][n]) < 0 for n in layers)) for m in rounds},
-            "layers_zero_variance": len(layers) - len(live)}
+            "layers_zero_variance": len(layers) - len(live),
+            "profile": {m: _median_times(p) for m, p in profile.items()}}
+
+
+def _spread(xs: list[float]) -> dict:
+    return {"median": float(np.median(xs)), "min": float(np.min(xs)), "max": float(np.max(xs))}
+
+
+def _median_times(rounds: list[dict]) -> dict:
+    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]} if rounds else {}
+
+
+def print_profile(r: dict, loop_seconds: float) -> None:
+    """Where one round's CPU time goes: forward, first backward with create_graph, the products."""
+    for m, p in r["profile"].items():
+        hvps = {key[4:]: v for key, v in p.items() if key.startswith("hvp:")}
+        total = p["forward"] + p["first_backward"] + sum(hvps.values())
+        top = sorted(hvps.items(), key=lambda kv: -kv[1])[:4]
+        print(f"  profile {m} ({len(hvps)} products of {r['k']} batched probes): forward {p['forward']:.3f} s, "
+              f"first backward {p['first_backward']:.3f} s, products {sum(hvps.values()):.2f} s "
+              f"({100 * sum(hvps.values()) / total:.0f}%); largest: "
+              + ", ".join(f"{n} {v:.2f} s" for n, v in top))
+    p = r["profile"]["per-layer"]
+    fb = p["forward"] + p["first_backward"]
+    print(f"  profile loop (one probe per layer): {r['layers']} x (forward + first backward) = {r['layers'] * fb:.2f} s"
+          f" of {loop_seconds:.2f} s measured ({100 * r['layers'] * fb / loop_seconds:.0f}%); grouped's pilot "
+          f"{r['pilot_seconds']:.2f} s, once per run ({r['pilot_seconds'] / r['run_probes']:.3f} s per sample)")
 
 
 def bench_ilp(repeats: int) -> dict:
@@ -165,12 +208,17 @@ def bench_ilp(repeats: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="short settings for `make bench` (< 1 minute)")
+    p.add_argument("--quick", action="store_true", help="short settings for `make bench` (about a minute)")
     p.add_argument("--cases", nargs="+", default=["detr_tiny", "resnet20"], choices=["detr_tiny", "resnet20"])
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the per-layer Hutchinson methods")
-    p.add_argument("--ours-rounds", type=int, default=8, help="Hutch++ estimates (each 3k products per layer)")
+    p.add_argument("--grouped-rounds", type=int, default=6, help="rounds of grouped (k samples each)")
+    p.add_argument("--hutchpp-rounds", type=int, default=6, help="Hutch++ estimates (3k products each; 0: skip)")
     p.add_argument("--all-layer-rounds", type=int, default=40, help="rounds of the all-layers probe (cheap)")
-    p.add_argument("--probes-per-batch", type=int, default=4, help="k: batched probes (Hutch++: 3k products)")
+    p.add_argument("--probes-per-batch", type=int, default=HutchinsonConfig.probes_per_batch,
+                   help="k: batched probes (Hutch++: 3k products)")
+    p.add_argument("--group-inflation", type=float, default=HutchinsonConfig.group_inflation)
+    p.add_argument("--run-probes", type=int, default=HutchinsonConfig.max_probes,
+                   help="probes per layer of a run, over which grouped's pilot is charged")
     p.add_argument("--detr-images", type=int, default=4)
     p.add_argument("--cifar-images", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
@@ -178,30 +226,34 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench_hessian.json")
     args = p.parse_args()
     if args.quick:
-        args.rounds, args.ours_rounds, args.all_layer_rounds = 1, 3, 6
+        args.rounds, args.grouped_rounds, args.hutchpp_rounds, args.all_layer_rounds = 1, 2, 0, 6
         args.detr_images, args.cifar_images, args.ilp_repeats = 2, 32, 1
     torch.set_num_threads(args.threads)
     builders = {"detr_tiny": lambda: detr_case(args.detr_images), "resnet20": lambda: resnet20_case(args.cifar_images)}
     result = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
               "torch": torch.__version__, "quick": args.quick, "cases": []}
-    rounds = {"loop": args.rounds, "loop-reuse": args.rounds, "per-layer": args.rounds, "ours": args.ours_rounds,
-              "all-layers": args.all_layer_rounds}
-    others = ("loop", "loop-reuse", "per-layer", "all-layers")
-    print("| case | layers | s per probe: " + ", ".join(others) + "; s per Hutch++ estimate | equal-SE speed-up of "
-          "ours (Hutch++) over: " + ", ".join(others) + " (median over layers [min]) | all-layers var / per-layer "
-          "var (median) |")
-    print("|---|---:|---|---|---:|")
+    rounds = {"loop": args.rounds, "loop-reuse": args.rounds, "per-layer": args.rounds, "grouped": args.grouped_rounds,
+              "all-layers": args.all_layer_rounds, "hutch++": args.hutchpp_rounds}
+    methods = [m for m in METHODS if rounds[m] > 0]
+    print(f"| case | layers | CPU s per sample: {', '.join(methods)} | equal-SE speed-up over the loop: "
+          f"{', '.join(methods[1:])} (median over layers [min]) | grouped: groups, var / per-layer var "
+          f"(median [max]) |")
+    print("|---|---:|---|---|---|")
     for case in args.cases:
         loss_fn, layers = builders[case]()
-        r = bench_case(case, loss_fn, layers, rounds, args.probes_per_batch)
+        r = bench_case(case, loss_fn, layers, rounds, args.probes_per_batch, args.group_inflation, args.run_probes)
         result["cases"].append(r)
-        t, s = r["seconds_per_sample"], r["equal_se_speedup_of_ours_over"]
-        print(f"| {case} | {r['layers']} | " + ", ".join(f"{t[m]:.3f}" for m in others) + f"; {t['ours']:.2f} | "
-              + ", ".join(f"{s[m]['median']:.1f}x [{s[m]['min']:.1f}x]" for m in others)
-              + f" | {r['all_layers_variance_over_per_layer']['median']:.1f} |", flush=True)
-        r["equal_se_speedup_of_per_layer_over_loop"] = pl = t["loop"] / t["per-layer"]  # same sample variance
-        print(f"|  | per-layer mode (graph reuse + {args.probes_per_batch} batched probes) over the loop at equal SE: "
-              f"{pl:.1f}x; over loop-reuse: {t['loop-reuse'] / t['per-layer']:.1f}x |  |  |  |", flush=True)
+        t, s, v = r["seconds_per_sample"], r["equal_se_speedup_over_loop"], r["grouped_variance_over_per_layer"]
+        print(f"| {case} | {r['layers']} | " + ", ".join(f"{t[m]:.3f}" for m in methods) + " | "
+              + ", ".join(f"{s[m]['median']:.1f}x [{s[m]['min']:.1f}x]" for m in methods[1:])
+              + f" | {r['num_groups']}, {v['median']:.2f} [{v['max']:.2f}] |", flush=True)
+        r["equal_se_speedup_of_per_layer_over_loop"] = t["loop"] / t["per-layer"]  # same sample variance
+    for r in result["cases"]:  # after the table, so that it stays one table
+        print(f"{r['case']}: per-layer mode (graph reuse + {args.probes_per_batch} batched probes) over the loop at "
+              f"equal SE: {r['equal_se_speedup_of_per_layer_over_loop']:.1f}x; all-layers var / per-layer var: "
+              f"{r['all_layers_variance_over_per_layer']['median']:.1f} (median); layers with a negative mean: "
+              + ", ".join(f"{m} {c}" for m, c in r["negative_mean_traces"].items()))
+        print_profile(r, r["seconds_per_sample"]["loop"])
     if args.ilp_repeats:
         result["ilp"] = ilp = bench_ilp(args.ilp_repeats)
         print(f"ILP {ilp['layers']} layers x {len(ilp['bits'])} bits (two exact solves each): median "

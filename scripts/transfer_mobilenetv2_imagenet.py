@@ -40,12 +40,14 @@ def data_root() -> Path:
     return Path(os.environ.get("GMPQ_DATA", "../shared/data")) / "imagenet"
 
 
-def transforms(train: bool):
+def transforms(train: bool, size: int = 224):
+    """Training: random resized crop to ``size`` (a smaller size makes a CPU fine-tune cheaper; the network is fully
+    convolutional up to its global pool); evaluation: resize 256, centre crop 224."""
     from torchvision import transforms as T
 
     norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if train:
-        return T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), *norm])
+        return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *norm])
     return T.Compose([T.Resize(256), T.CenterCrop(224), *norm])
 
 
@@ -65,12 +67,12 @@ class Val1300(Dataset):
         return self.tf(load_image(self.root / "images" / f)), c
 
 
-def imagenette(split: str, train_tf: bool):
+def imagenette(split: str, train_tf: bool, size: int = 224):
     """Imagenette ``split`` (train | val) as an ImageFolder whose labels are ImageNet class indices (1000-way)."""
     from torchvision.datasets import ImageFolder
 
     wnids = [ln.split()[0] for ln in (data_root() / "synset_words.txt").read_text().splitlines()]
-    ds = ImageFolder(str(data_root() / "imagenette" / split), transform=transforms(train_tf))
+    ds = ImageFolder(str(data_root() / "imagenette" / split), transform=transforms(train_tf, size))
     to_imagenet = {i: wnids.index(w) for w, i in ds.class_to_idx.items()}
     ds.target_transform = to_imagenet.__getitem__
     ds.imagenet_classes = sorted(to_imagenet.values())
@@ -105,6 +107,7 @@ def accuracy(model: nn.Module, ds: Dataset, classes: list[int] | None = None, ba
 
 def deploy(args: argparse.Namespace) -> dict:
     from gmpq.runtime import RunConfig, Task, fit, init_distributed
+    from gmpq.runtime.modes import train_mode
 
     torch.manual_seed(args.seed)
     if args.threads:
@@ -116,14 +119,15 @@ def deploy(args: argparse.Namespace) -> dict:
     if args.policy:
         policy = load_policy(args.policy)
         apply_policy(model, policy, source=f"policy file {args.policy!r}", model_name=MODEL)
-    train = imagenette("train", train_tf=True)
+    train = imagenette("train", train_tf=True, size=args.train_size)
     calib = DataLoader(limited(imagenette("train", train_tf=False), args.calib_images, args.seed), 16, shuffle=False)
     calibrate(model, calib, num_batches=len(calib))
     val = limited(Val1300(data_root() / "val_1300"), args.val_images, 0)
     nette = imagenette("val", train_tf=False)
-    nette_eval = limited(nette, args.val_images, 0)
+    nette_eval = limited(nette, args.nette_images or args.val_images, 0)
     result = {"policy": args.policy, "method": policy["created_by"]["method"] if policy else "float",
-              "seed": args.seed, "ft_epochs": args.ft_epochs}
+              "seed": args.seed, "ft_epochs": args.ft_epochs, "ft_max_steps": args.max_steps,
+              "train_size": args.train_size, "batch_size": args.batch_size, "lr": args.lr}
     if args.ft_epochs > 0:
         info = init_distributed("cpu" if args.threads else "auto")
         model.to(info.device)
@@ -139,9 +143,10 @@ def deploy(args: argparse.Namespace) -> dict:
                         threads=args.threads, milestones=[0.5, 0.75], max_steps_per_epoch=args.max_steps,
                         progress=False)
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-        task = Task(model=model, optimizer=opt, loader=DataLoader(train, 32, shuffle=True), loss_terms=step,
+        task = Task(model=model, optimizer=opt, loader=DataLoader(train, args.batch_size, shuffle=True),
+                    loss_terms=step,
                     weights={"ce": 1.0, "kd": 1.0}, name="imagenet-finetune",
-                    on_epoch_start=lambda e: model.train())
+                    on_epoch_start=lambda e: train_mode(model, frozen_bn=True))  # BN folded: identity BN layers
         fit(task, run, info)
         model.cpu()
     v = accuracy(model, val)
@@ -156,24 +161,73 @@ def deploy(args: argparse.Namespace) -> dict:
     return result
 
 
+def teacher(args: argparse.Namespace) -> None:
+    """Fine-tune the float search-time MobileNetV2 (ImageNet init, 10-class head) on the search subset once, so that
+    every search (each method, each seed) uses the same teacher and warm start: ``--set weights=OUT/teacher/...``."""
+    from gmpq.config import load_config
+    from gmpq.data.datasets import build_loaders
+    from gmpq.models import load_weights
+    from gmpq.runtime import init_distributed
+    from gmpq.search.config import SearchConfig
+    from gmpq.search.setup import build_model, pretrain_teacher, search_image_shape, uses_search_variant
+
+    cfg = load_config(SearchConfig, args.recipe, [*args.set, f"out_dir={args.out}"])
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    info = init_distributed(cfg.device)
+    train, test = build_loaders(cfg.data)
+    model = build_model(cfg, uses_search_variant(cfg, search_image_shape(train))).to(info.device)
+    load_weights(model, cfg.init_weights, strict=False)  # the 1000-class head keeps its random init
+    pretrain_teacher(model, cfg, info, train, test, resume=True)
+
+
+def _cell(vals: list[float]) -> str:
+    """``mean ± sample std`` (one value: the value; none: ``-``)."""
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.4f}"
+    return f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}"
+
+
+def grad_shares(run: Path) -> dict[str, float]:
+    """Mean over a search's epochs of each loss term's share ``g_k / sum_j g_j`` of the gradient norms sent to the
+    importance logits (``grad_*`` of ``log.jsonl``)."""
+    epochs = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines() if ln.strip()]
+    shares = defaultdict(list)
+    for rec in epochs:
+        g = {k.removeprefix("grad_"): v for k, v in rec.items() if k.startswith("grad_") and v is not None}
+        for k, v in g.items():
+            shares[k].append(v / sum(g.values()))
+    return {k: statistics.mean(v) for k, v in shares.items()}
+
+
 def table(args: argparse.Namespace) -> str:
     groups = defaultdict(list)
     for d in args.runs:
         r = json.loads((Path(d) / "result.json").read_text())
-        groups[Path(d).name.rsplit("_seed", 1)[0]].append(r)
-    keys = ["top1_val1300", "top1_imagenette", "top1_imagenette_10way", "bops_g", "quantized_bops_g", "size_mb"]
+        ard = Path(d) / "attribution" / "attribution.json"
+        if ard.is_file():
+            r["ard"] = json.loads(ard.read_text())["ard_mean"]
+        groups[Path(d).name.removeprefix("deploy_").rsplit("_seed", 1)[0]].append(r)
+    keys = ["top1_val1300", "top1_imagenette", "top1_imagenette_10way", "ard", "bops_g", "quantized_bops_g",
+            "size_mb"]
     lines = ["| method | seeds | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
     for name, rs in sorted(groups.items()):
-        cells = []
-        for k in keys:
-            vals = [r[k] for r in rs if r.get(k) is not None]
-            if not vals:
-                cells.append("-")
-            elif len(vals) > 1:
-                cells.append(f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f}")
-            else:
-                cells.append(f"{vals[0]:.4f}")
+        cells = [_cell([r[k] for r in rs if r.get(k) is not None]) for k in keys]
         lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
+    if args.searches:
+        per = defaultdict(list)
+        for d in args.searches:
+            per[Path(d).name.removeprefix("search_").rsplit("_seed", 1)[0]].append(grad_shares(Path(d)))
+        terms = sorted({k for runs in per.values() for s in runs for k in s})
+        lines += ["", "Share of the gradient norm on the importance logits per loss term (mean over epochs; "
+                  "mean ± std over seeds):", "", "| search | seeds | " + " | ".join(terms) + " |",
+                  "|---|---:|" + "---:|" * len(terms)]
+        for name, runs in sorted(per.items()):
+            cells = [_cell([s[k] for s in runs if k in s]) for k in terms]
+            lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)
     if args.out:
@@ -193,10 +247,20 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-images", type=int, default=256)
     p.add_argument("--val-images", type=int, default=None, help="evaluate on a seeded subset (default: all)")
+    p.add_argument("--nette-images", type=int, default=None, help="Imagenette val subset (default: --val-images)")
+    p.add_argument("--train-size", type=int, default=224, help="fine-tuning crop size (evaluation stays 224)")
+    p.add_argument("--batch-size", type=int, default=32, help="fine-tuning batch size")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=deploy)
+    p = sub.add_parser("teacher", help="the shared float teacher of the searches: OUT/teacher/checkpoint.pt")
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--set", action="append", default=[], help="recipe override key=value (as gmpq search --set)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=teacher)
     p = sub.add_parser("table")
-    p.add_argument("runs", nargs="+", help="deploy output folders named <method>_seed<S>")
+    p.add_argument("runs", nargs="+", help="deploy output folders named deploy_<method>_seed<S>")
+    p.add_argument("--searches", nargs="*", default=[],
+                   help="search folders (search_<method>_seed<S>): gradient shares")
     p.add_argument("--out", default=None)
     p.set_defaults(func=table)
     args = ap.parse_args()

@@ -140,3 +140,17 @@ def test_evaluate_pretrained_resnet20_reproduces_reference(shared_data):
                                    data=DataConfig(name="cifar10_npz", root=str(shared_data / "cifar10"))))
     assert ev["n_test"] == 1017
     assert abs(ev["top1"] - 0.916) < 0.006  # README of the shared data: 91.6 % on the lossless test images
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_frozen_bn_keeps_the_running_statistics(tmp_path, digits_float, frozen):
+    """``frozen_bn`` (for BN-folded weights such as the ImageNet MobileNetV2): BatchNorm stays in eval mode while
+    fine-tuning, so its running statistics are the float checkpoint's; without it they move."""
+    ft.finetune(cfg(tmp_path, digits_float, policy_file(tmp_path, 4), frozen_bn=str(frozen).lower(),
+                    max_steps_per_epoch=2))
+    start = torch.load(digits_float, weights_only=True)["state_dict"]
+    final = torch.load(tmp_path / "run" / "model_final.pt", weights_only=False)["model"]
+    stats = [k for k in start if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    same = [torch.equal(start[k], final[k]) for k in stats]
+    assert all(same) if frozen else not any(same)

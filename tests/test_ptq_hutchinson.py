@@ -66,7 +66,8 @@ def _block_traces(h: torch.Tensor, sizes: list[int]) -> list[float]:
     return out
 
 
-@pytest.mark.parametrize("mode,probes_per_batch,sigmas", [("hutch++", 2, 3), ("per-layer", 4, 3), ("all", 1, 4)])
+@pytest.mark.parametrize("mode,probes_per_batch,sigmas", [("hutch++", 2, 3), ("per-layer", 4, 3), ("all", 1, 4),
+                                                          ("grouped", 4, 3)])
 def test_traces_match_exact_hessian_within_standard_error(mode, probes_per_batch, sigmas):
     """Unbiased: per layer, the estimate is within 3 standard errors (per-layer probes; 4 for the all-layers
     probe, whose error distribution has heavier tails) of the exact trace of the mean calibration Hessian."""
@@ -77,7 +78,10 @@ def test_traces_match_exact_hessian_within_standard_error(mode, probes_per_batch
     res = hutchinson_traces(loss_fn, batches, layers, cfg)
     per_layer = mode != "all"
     assert res["probes"] == (402 if mode == "hutch++" else 400)  # hutch++: whole steps of 3k = 6 products
-    assert res["hvps"] == res["probes"] * (len(names) if per_layer else 1)
+    if mode == "grouped":  # the pilot's two products per layer, then one per probe and group
+        assert res["hvps"] == 2 * len(names) + res["probes"] * (len(names) - sum(len(g) - 1 for g in res["groups"]))
+    else:
+        assert res["hvps"] == res["probes"] * (len(names) if per_layer else 1)
     for n, t in zip(names, exact):
         est = res["layers"][n]
         assert abs(est["trace"] - t) < sigmas * est["stderr"], (n, est, t)

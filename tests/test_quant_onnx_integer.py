@@ -45,7 +45,7 @@ def initializer(model_proto, suffix: str) -> np.ndarray:
 def test_optimized_session_runs_integer_kernels(tmp_path):
     model, x = quantized({"0": (4, 8), "3": (3, 4), "5": (8, 8), "9": (32, None)})
     path = tmp_path / "m.int.onnx"
-    stats = export_integer_onnx(model, x[:1], path, [x])
+    stats = export_integer_onnx(model, x[:1], path, [x], outputs="uint8")
     assert stats.integer_layers == ["0", "3", "5"] and stats.float_layers == []
     # 0 -> BN -> ReLU -> Q(3): moved onto the conv output; 3 -> ReLU6 -> Q(5): too (alpha <= 6); 5 -> ReLU -> pool
     assert stats.fused_outputs == 2 and stats.requantized_outputs == ["5"]
@@ -115,6 +115,6 @@ def test_batchnorms_with_shared_initializers_are_folded(tmp_path):
     apply_policy(model, uniform_policy(model, "seq", 8, 8))
     x = torch.randn(4, 3, 8, 8)
     calibrate(model, [x])
-    stats = export_integer_onnx(model.eval(), x[:1], tmp_path / "m.onnx", [x])
+    stats = export_integer_onnx(model.eval(), x[:1], tmp_path / "m.onnx", [x], outputs="uint8")
     assert stats.fused_outputs == 1 and stats.requantized_outputs == ["3"]
     assert not any(n.op_type == "BatchNormalization" for n in onnx.load(str(tmp_path / "m.onnx")).graph.node)

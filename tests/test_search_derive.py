@@ -168,3 +168,14 @@ def test_final_policy_of_a_target_mode_search_meets_the_budget(tmp_path, one_thr
     assert final["summary"]["bops_g"] <= cfg.loss.target_gbops < argmax["summary"]["bops_g"]
     cfg.loss.final_policy = "argmax"
     assert final_policy(argmax, cfg, ref, spec.input_size, epoch=2) is argmax
+
+
+def test_derive_from_an_already_selected_policy_replaces_its_selection():
+    """A target-mode search writes a policy whose ``created_by`` already names its selection: deriving from it must
+    record the ILP's selection, not fail on a duplicate keyword."""
+    policy = _policy(0)
+    policy["created_by"]["selection"] = "argmax"
+    fixed = fixed_bops(policy)
+    derived = derive_policy(policy, gbops=(fixed + 18000 * 9) / 1e9)
+    assert derived["created_by"]["selection"] == "budget_ilp"
+    assert derived["created_by"]["method"] == "gmpq"

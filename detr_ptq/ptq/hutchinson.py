@@ -11,13 +11,24 @@ Estimators (``HutchinsonConfig.mode``):
   directions, so the low-rank part can take most of the trace: on ResNet-20 the variance drops by orders of
   magnitude; on the reference DETR (k = 4) it is no better than ``per-layer`` (benchmarks/bench_hessian.py).
   3k products per layer and step, in three batched double backwards.
-- ``per-layer`` (default): a Rademacher probe ``v_l`` on ONE layer's weights at a time, ``v_l^T H_ll v_l``, whose
-  mean is ``Tr(H_ll)`` and which has no cross-layer terms, so its variance is PyHessian's per-layer variance and a
-  positive semi-definite block never gets a negative sample. Cost is cut two ways, without changing what is
-  estimated: the gradient graph (forward + first backward with ``create_graph``) is built ONCE per micro-batch and
-  reused by every layer and probe; and the ``probes_per_batch`` probes of a layer go through one batched double
-  backward (``torch.autograd.grad(..., is_grads_batched=True)``, vmap over the probes). The second backward of
+- ``per-layer`` (default: the fastest at equal standard error measured on the reference DETR): a Rademacher probe
+  ``v_l`` on ONE layer's weights at a time, ``v_l^T H_ll v_l``, whose mean is ``Tr(H_ll)`` and which has no
+  cross-layer terms, so its variance is PyHessian's per-layer variance and a positive semi-definite block never
+  gets a negative sample. Cost is cut two ways, without changing what is estimated: the gradient graph (forward
+  + first backward with ``create_graph``) is built ONCE per micro-batch and reused by every layer and probe; and
+  the ``probes_per_batch`` probes of a layer go through one batched double backward
+  (``torch.autograd.grad(..., is_grads_batched=True)``, vmap over the probes). The second backward of
   ``g_l . v_l`` only walks the part of the graph between layer ``l`` and the loss.
+- ``grouped``: ``per-layer``, except that layers whose cross-blocks ``H_lm`` are small share one double
+  backward, each with its own independent Rademacher probe, so ``v_l . (H v_G)_l`` still has mean ``Tr(H_ll)``
+  (the cross terms ``v_l^T H_lm v_m`` have mean 0); only its variance grows, by the factor
+  ``1 + sum_m ||H_lm||_F^2 / Var_l`` <= ``group_inflation`` as measured by a pilot on the first micro-batch (two
+  probes per layer, each product walking down to its layer only: about one per-layer step), while one product
+  serves the group; ``detr_ptq.ptq.layer_groups`` forms the groups (deterministic: same seed, same groups). With
+  fewer than 3 steps the pilot would not pay for itself and every layer is its own group. Measured
+  (benchmarks/bench_hessian.py), it does NOT pay on the reference DETR: its cross blocks are large next to the
+  diagonal blocks' variances and the realised inflation exceeds the pilot's, so at equal standard error it is
+  slower than ``per-layer`` (hence not the default).
 - ``all``: one probe over ALL layers and one Hessian-vector product per step; ``v_l . (Hv)_l`` has mean
   ``Tr(H_ll)`` but carries the cross terms ``v_l^T H_lm v_m`` (mean 0, large variance: a small layer's estimate
   can come out negative for a PSD block). Kept for comparison (benchmarks/bench_hessian.py).
@@ -38,10 +49,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from detr_ptq.ptq.layer_groups import cross_block_norms, graph_reach, group_layers
 from gmpq.errors import UserError
 
 LossFn = Callable[[object], Tensor]  # micro-batch -> scalar loss (a graph through the traced weights)
-MODES = ("hutch++", "per-layer", "all")
+MODES = ("per-layer", "grouped", "hutch++", "all")
+PILOT_PROBES = 2  # grouped mode: probes per layer in the pilot (two give the per-layer variance, see layer_groups)
+PILOT_MIN_STEPS = 3  # grouped mode: fewer steps than this and the pilot (about one step) is not worth it
 
 
 @dataclass
@@ -50,8 +64,9 @@ class HutchinsonConfig:
     min_probes: int = 10  # never stop on the tolerance before this many
     tol: float = 0.0  # stop when every layer's relative standard error < tol (0: run max_probes)
     seed: int = 0
-    mode: str = "per-layer"  # per-layer | hutch++ | all (see the module docstring)
+    mode: str = "per-layer"  # per-layer | grouped | hutch++ | all (see the module docstring)
     probes_per_batch: int = 4  # per layer and micro-batch: probes batched in one double backward (hutch++: k)
+    group_inflation: float = 2.0  # grouped: largest variance inflation a layer may take from its group
 
     def __post_init__(self) -> None:
         if self.max_probes < 1 or self.min_probes < 1 or self.probes_per_batch < 1:
@@ -59,6 +74,9 @@ class HutchinsonConfig:
                              f"{self.probes_per_batch} must be >= 1")
         if self.tol < 0:
             raise ValueError(f"tol={self.tol} must be >= 0 (0 = fixed number of probes)")
+        if not self.group_inflation >= 1:
+            raise ValueError(f"group_inflation={self.group_inflation} must be >= 1 (1: only layers without cross "
+                             f"terms share a product; per-layer mode: none)")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is unknown; accepted: {list(MODES)}")
 
@@ -67,7 +85,9 @@ def rademacher_like(params: Sequence[Tensor], gen: torch.Generator, batch: int =
     """One +-1 probe per tensor (``[batch, *shape]`` when ``batch`` > 0), drawn on the CPU from ``gen`` (so the
     same seed gives the same probes on any device)."""
     lead = (batch,) if batch else ()
-    return [(torch.randint(0, 2, lead + tuple(p.shape), generator=gen) * 2.0 - 1.0).to(p.device, p.dtype)
+    # int8 draws: an eighth of int64's memory traffic (drawing a large layer's probes costs about as much as an
+    # elementwise op over it, not negligible next to its product)
+    return [(torch.randint(0, 2, lead + tuple(p.shape), generator=gen, dtype=torch.int8).to(p.device, p.dtype) * 2 - 1)
             for p in params]
 
 
@@ -125,19 +145,38 @@ def probe_per_layer(loss: Tensor, layers: dict[str, list[Tensor]], gen: torch.Ge
     ``probes`` > 1 batches a layer's probes in one double backward (``is_grads_batched``). A layer the loss does
     not reach, or reaches only linearly, gets exact zeros.
     """
+    return probe_groups(loss, layers, [[n] for n in layers], gen, probes)
+
+
+def probe_groups(loss: Tensor, layers: dict[str, list[Tensor]], groups: Sequence[Sequence[str]],
+                 gen: torch.Generator, probes: int = 1, times: dict[str, float] | None = None) -> dict[str, Tensor]:
+    """``{layer: [probes] samples v_l . (H v_G)_l}``: ONE gradient graph, then per group ``G`` one (batched)
+    double backward with an independent Rademacher probe on each of its layers. Mean ``Tr(H_ll)``; the cross
+    terms of the group add variance (see ``detr_ptq.ptq.layer_groups``). Singleton groups: ``probe_per_layer``.
+    Probes are drawn group by group, layer by layer in group order. ``times``, when given, receives CPU seconds:
+    ``"first_backward"`` and, per group, ``"hvp:<first layer>"`` (its probes and batched double backward).
+    """
+    clock = time.process_time()
+    grads = {n: gs for n, _, gs in _layer_grads(loss, layers)}
+    if times is not None:
+        times["first_backward"] = time.process_time() - clock
     out = {}
-    for n, ps, gs in _layer_grads(loss, layers):
-        vs = rademacher_like(ps, gen, probes)
-        live = [k for k, g in enumerate(gs) if g is not None and g.requires_grad]
-        samples = torch.zeros(probes, dtype=torch.float64)
-        if live:
-            gouts = [vs[k] for k in live] if probes > 1 else [vs[k][0] for k in live]
-            hv = torch.autograd.grad([gs[k] for k in live], [ps[k] for k in live], grad_outputs=gouts,
-                                     retain_graph=True, allow_unused=True, is_grads_batched=probes > 1)
-            for k, h in zip(live, hv):
-                if h is not None:
-                    samples += (vs[k] * h.reshape(vs[k].shape)).flatten(1).sum(1).double().cpu()
-        out[n] = samples
+    for group in groups:
+        clock = time.process_time()
+        vs = {n: rademacher_like(layers[n], gen, probes) for n in group}
+        live = [(n, k) for n in group for k, g in enumerate(grads[n]) if g is not None and g.requires_grad]
+        for n in group:
+            out[n] = torch.zeros(probes, dtype=torch.float64)
+        if not live:
+            continue
+        gouts = [vs[n][k] if probes > 1 else vs[n][k][0] for n, k in live]
+        hv = torch.autograd.grad([grads[n][k] for n, k in live], [layers[n][k] for n, k in live], grad_outputs=gouts,
+                                 retain_graph=True, allow_unused=True, is_grads_batched=probes > 1)
+        for (n, k), h in zip(live, hv):
+            if h is not None:
+                out[n] += (vs[n][k] * h.reshape(vs[n][k].shape)).flatten(1).sum(1).double().cpu()
+        if times is not None:
+            times[f"hvp:{group[0]}"] = time.process_time() - clock
     return out
 
 
@@ -206,11 +245,13 @@ def hutchinson_traces(loss_fn: LossFn, batches: Sequence, layers: dict[str, list
     """Estimate ``Tr(H_ll)`` for every layer ``l``.
 
     ``loss_fn(batch)`` returns a scalar loss whose graph reaches the tensors in ``layers`` (``{name: [weight]}``,
-    each requiring grad). ``mode`` overrides ``cfg.mode`` (``per-layer`` or ``all``, see the module docstring).
+    each requiring grad). ``mode`` overrides ``cfg.mode`` (see the module docstring).
 
     Returns ``{"layers": {name: {"trace", "avg_trace", "stderr", "rel_stderr", "params"}}, "probes": probes per
-    layer, "steps": micro-batches used, "hvps": Hessian-vector products (one per probe and layer in per-layer
-    mode), "seconds", "stopped": "max_probes" | "tol", "mode"}``. ``stderr`` is null after a single step.
+    layer, "steps": micro-batches used, "hvps": Hessian-vector products (per-layer mode: one per probe and layer;
+    grouped: one per probe and group, plus the pilot's two per layer), "seconds", "stopped": "max_probes" | "tol",
+    "mode"}`` and in grouped mode ``"groups"`` (the groups of more than one layer). ``stderr`` is null after a
+    single step.
     """
     mode = mode or cfg.mode
     if mode not in MODES:
@@ -219,10 +260,13 @@ def hutchinson_traces(loss_fn: LossFn, batches: Sequence, layers: dict[str, list
         raise UserError("Hutchinson estimation needs at least one calibration micro-batch; got none")
     gen = torch.Generator().manual_seed(cfg.seed)
     stats = RunningStats(list(layers))
-    per_step = {"all": 1, "per-layer": min(cfg.probes_per_batch, cfg.max_probes),
-                "hutch++": 3 * cfg.probes_per_batch}[mode]  # products per layer and step
-    steps = max(math.ceil(cfg.max_probes / per_step), 1)
+    per_step = {"all": 1, "hutch++": 3 * cfg.probes_per_batch}.get(mode, min(cfg.probes_per_batch, cfg.max_probes))
+    steps = max(math.ceil(cfg.max_probes / per_step), 1)  # per_step: products per layer and step
     t0, hvps, stopped = time.perf_counter(), 0, "max_probes"
+    groups = [[n] for n in layers]
+    if mode == "grouped" and steps >= PILOT_MIN_STEPS and len(layers) > 1:
+        groups = pilot_groups(loss_fn(batches[0]), loss_fn(batches[0]), layers, gen, cfg.group_inflation)
+        hvps += PILOT_PROBES * len(layers)
     for step in range(steps):
         batch = batches[step % len(batches)]
         if mode == "all":
@@ -233,8 +277,9 @@ def hutchinson_traces(loss_fn: LossFn, batches: Sequence, layers: dict[str, list
             sample = hutchpp_per_layer(loss_fn(batch), layers, gen, cfg.probes_per_batch)
             hvps += per_step * len(layers)
         else:
-            sample = {n: float(s.mean()) for n, s in probe_per_layer(loss_fn(batch), layers, gen, per_step).items()}
-            hvps += per_step * len(layers)
+            sample = {n: float(s.mean()) for n, s in probe_groups(loss_fn(batch), layers, groups, gen,
+                                                                   per_step).items()}
+            hvps += per_step * len(groups)
         stats.add(sample)
         if progress is not None:
             progress(step, stats)
@@ -248,7 +293,19 @@ def hutchinson_traces(loss_fn: LossFn, batches: Sequence, layers: dict[str, list
         result[n] = {"trace": stats.mean[n], "avg_trace": stats.mean[n] / count, "stderr": _json(stats.stderr(n)),
                      "rel_stderr": _json(stats.rel_stderr(n)), "params": count}
     return {"layers": result, "probes": stats.n * per_step, "steps": stats.n, "hvps": hvps,
-            "seconds": time.perf_counter() - t0, "stopped": stopped, "mode": mode}
+            "seconds": time.perf_counter() - t0, "stopped": stopped, "mode": mode,
+            **({"groups": [g for g in groups if len(g) > 1]} if mode == "grouped" else {})}
+
+
+def pilot_groups(loss: Tensor, loss_again: Tensor, layers: dict[str, list[Tensor]], gen: torch.Generator,
+                 max_inflation: float) -> list[list[str]]:
+    """Groups for ``probe_groups``: graph costs from ``loss_again``, then cross-block norms from one probe per
+    layer on ``loss`` (two graphs of the same loss), see ``detr_ptq.ptq.layer_groups``."""
+    names = list(layers)
+    reach, weight = graph_reach(loss_again, layers)
+    probes = {n: rademacher_like(ps, gen, PILOT_PROBES) for n, ps in layers.items()}
+    f, var = cross_block_norms(loss, layers, probes, reach @ weight)
+    return [[names[i] for i in g] for g in group_layers(f, var, reach, weight, max_inflation)]
 
 
 def _json(x: float) -> float | None:

@@ -66,7 +66,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                        policy=args.policy, override_policy=args.override_policy, calib_data=args.calib_data,
                        calib_batches=args.calib_batches, channels=args.channels, onnx=not args.no_onnx,
                        evaluate=not args.no_eval, latency=not args.no_latency, latency_rounds=args.latency_rounds,
-                       threads=args.threads)
+                       threads=args.threads, int_outputs=args.int_outputs)
     report = export_model(cfg)
     print(format_report(report))
     print(f"wrote {args.out} and the report {args.out}.json")
@@ -76,7 +76,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from gmpq.deploy.report import report
 
-    out = report(args.results, args.out_dir, extra=args.extra)
+    out = report(args.results, args.out_dir, extra=args.extra, group=args.group)
     print(out["markdown"])
     print(f"\nwrote {Path(args.out_dir) / 'report.md'}, report.json, report.png")
     return 0
@@ -145,10 +145,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--latency-rounds", type=positive_int, default=15,
                    help="interleaved timing rounds (float and integer model alternate; medians are reported)")
     p.add_argument("--threads", type=positive_int, default=1, help="onnxruntime intra-op threads")
+    p.add_argument("--int-outputs", default="float", choices=["float", "uint8"],
+                   help="integer ONNX: a convolution output that feeds a float op (residual Add, pooling head) is "
+                        "ConvInteger scaled to float (float: exact) or a QLinearConv requantized to uint8 (uint8)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("report", help="table and accuracy-vs-BOPs plot of several result.json files")
+    p = sub.add_parser("report", help="table and accuracy-vs-BOPs plot of several result.json files",
+                       description="One row per result.json, with the BOPs of the whole model and of the quantized "
+                       "layers only, and the Attribution Rank Distance (ARD) to the float model when gmpq "
+                       "attribution wrote attribution.json in the run folder or its attribution/ subfolder.")
     p.add_argument("results", nargs="+")
+    p.add_argument("--group", action="store_true",
+                   help="also give mean ± std over runs whose names differ only by a _seedN suffix")
     p.add_argument("--out-dir", required=True, help="output folder")
     p.add_argument("--extra", nargs="*", default=None, help="extra accuracy keys to show (e.g. top1_jpeg)")
     p.set_defaults(func=cmd_report)

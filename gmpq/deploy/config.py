@@ -37,6 +37,8 @@ class FinetuneConfig(RunConfig):
     weight_decay: float = 0.0
     momentum: float = 0.9
     calib_batches: int = 8
+    frozen_bn: bool = False  # BatchNorm layers stay in eval mode while training (needed for BN-folded weights such as
+    #  the ImageNet MobileNetV2 of $GMPQ_DATA, whose identity BN layers would kill the features in train mode)
     kd: KDConfig = dataclasses.field(default_factory=KDConfig)
     extra_eval: list[str] = dataclasses.field(default_factory=list)  # more test sets (--data syntax) for result.json
 

@@ -52,6 +52,7 @@ class ExportConfig:
     latency_rounds: int = 15
     batch_sizes: tuple[int, ...] = (1, 32)
     threads: int = 1
+    int_outputs: str = "float"  # integer ONNX: convolution outputs that feed a float op (gmpq.quant.onnx_outputs)
 
 
 def _checkpoint_data(weights: str) -> str | None:
@@ -81,12 +82,23 @@ class OrtClassifier(nn.Module):
 
 
 def _float_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """The float baseline: the model without quantizers, with zero Pads folded into the following Conv (as the
+    integer graph has them; onnxruntime does not fold them itself and then reorders NCHWc tensors around them)."""
     import warnings
+
+    import onnx
+
+    from gmpq.quant.onnx_graph import Graph
+    from gmpq.quant.onnx_outputs import fold_zero_pads
 
     with quantizers_disabled(model), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17, input_names=["input"],
                           output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    gr = Graph(onnx.load(str(path)))
+    if fold_zero_pads(gr):
+        gr.finish()
+        onnx.save(gr.model, str(path))
 
 
 class _FloatView(nn.Module):
@@ -138,8 +150,9 @@ def write_deploy_files(model: nn.Module, policy: dict, input_size, out: Path, ca
     """The packed file and (``cfg.onnx``) the three ONNX models of a calibrated ``model``, with their sizes,
     top-1 (``test``: a loader of ``(x, y)``), the kernels onnxruntime picks and the float-vs-integer latency.
 
-    ``calib``: input batches ``[N, C, H, W]`` for the requantization ranges of the integer ONNX (None: no
-    integer ONNX). Returns the report fields (``gmpq export`` writes them to ``OUT.json``).
+    ``calib``: input batches ``[N, C, H, W]`` for the requantization ranges of the integer ONNX (needed with
+    ``cfg.int_outputs == "uint8"``; None there: no integer ONNX). Returns the report fields (``gmpq export``
+    writes them to ``OUT.json``).
     """
     stats = export_packed(model, policy, out, meta={"weights": str(cfg.weights)})
     report = {**stats, "theoretical_bytes": theoretical_packed_bytes(model), "packed": str(out)}
@@ -165,10 +178,11 @@ def _onnx_exports(model, input_size, calib, test, cfg: ExportConfig, out: Path, 
     with torch.no_grad():
         report["onnx_max_abs_diff"] = float((run_onnx(paths["qdq"], x) - model(x)).abs().max())
     _float_onnx(model, x[:1], paths["float"])
-    if calib is None:
+    if calib is None and cfg.int_outputs == "uint8":
         report["integer_onnx"] = "skipped: the requantization ranges need data; pass --calib-data DATA"
         return report
-    report["integer_onnx"] = export_integer_onnx(model, x[:1], paths["integer"], calib).as_dict()
+    report["integer_onnx"] = export_integer_onnx(model, x[:1], paths["integer"], calib or [],
+                                                 outputs=cfg.int_outputs).as_dict()
     with tempfile.TemporaryDirectory() as tmp:
         session(paths["integer"], cfg.threads, optimized_path=Path(tmp) / "opt.onnx")
         report["ort_optimized_ops"] = op_counts(Path(tmp) / "opt.onnx")
@@ -214,9 +228,9 @@ def format_report(r: dict) -> str:
         i = r["integer_onnx"]
         ops = r.get("ort_optimized_ops", {})
         lines.append(f"  integer ONNX: {len(i['integer_layers'])} integer layers, {len(i['float_layers'])} float, "
-                     f"{len(i['requantized_outputs'])} requantized outputs; onnxruntime runs "
-                     f"{ops.get('QLinearConv', 0)} QLinearConv, {ops.get('QGemm', 0)} QGemm, {ops.get('Conv', 0)} "
-                     "float Conv")
+                     f"{len(i['requantized_outputs'])} requantized / {len(i['float_outputs'])} exact float outputs; "
+                     f"onnxruntime runs {ops.get('QLinearConv', 0)} QLinearConv, {ops.get('ConvInteger', 0)} "
+                     f"ConvInteger, {ops.get('QGemm', 0)} QGemm, {ops.get('Conv', 0)} float Conv")
     for bs, v in (r.get("latency") or {}).get("batch", {}).items():
         ms, cpu = v["ms_per_image"], v["cpu_ms_per_image"]
         lines.append(f"  onnxruntime batch {bs}, {r['latency']['threads']} thread, median of "

@@ -34,6 +34,7 @@ from gmpq.runtime import (
     set_seed,
     shutdown_distributed,
 )
+from gmpq.runtime.modes import train_mode
 
 
 def loss_terms(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None,
@@ -133,9 +134,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False) -> dict:
         task = Task(model=model, optimizer=_optimizer(model, cfg), loader=train_loader,
                     loss_terms=_step(teacher, cfg, info.device), weights={"ce": 1.0, "kd": cfg.kd.weight},
                     evaluate=lambda: _test(evaluate(model, test_loader, info.device, info, progress=cfg.progress)),
-                    name="finetune",
-                    on_epoch_start=lambda epoch: model.train(), extra_state=lambda: {"before": before},
-                    write_outputs=write_final)
+                    name="finetune", on_epoch_start=lambda epoch: train_mode(model, cfg.frozen_bn),
+                    extra_state=lambda: {"before": before}, write_outputs=write_final)
         run = fit(task, cfg, info, state)
         if run.epoch == 0 and info.is_main:  # epochs=0: the calibrated model, not fine-tuned
             write_final(0, before)

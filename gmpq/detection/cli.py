@@ -19,7 +19,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
     sets = list(args.set or [])
     for flag, key in (("detector", "detector.name"), ("policy", "policy"), ("backbone_weights",
-                      "detector.backbone_weights"), ("epochs", "epochs"), ("out_dir", "out_dir")):
+                      "detector.backbone_weights"), ("init_detector", "init_detector"), ("epochs", "epochs"),
+                      ("out_dir", "out_dir")):
         value = getattr(args, flag, None)
         if value is not None:
             sets.append(f"{key}={value}")
@@ -76,6 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default=None, help="policy JSON of the source classifier (resnet18, vgg16, mobilenetv2)")
     p.add_argument("--data", default=None, help="voc:VOCDEVKIT, coco:FOLDER, or a folder (format detected)")
     p.add_argument("--backbone-weights", default=None, help="local state dict of the source classifier")
+    p.add_argument("--init-detector", default=None,
+                   help="model_final.pt of a trained float detector to start from (the setting init_detector)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--out-dir", default=None, help="output folder (the setting out_dir)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, repeatable")

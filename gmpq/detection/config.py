@@ -72,6 +72,8 @@ class DetFinetuneConfig(RunConfig):
     detector: DetectorConfig = dataclasses.field(default_factory=DetectorConfig)
     data: DetDataConfig = dataclasses.field(default_factory=DetDataConfig)
     policy: str | None = None  # policy JSON of the source classifier (required)
+    init_detector: str | None = None  # model_final.pt of a trained float detector: its weights, by name, before
+    # the policy quantizes the backbone (None: heads from random init, backbone from detector.backbone_weights)
     w_method: Literal["symmetric", "lsq"] = "symmetric"
     a_method: Literal["pact", "lsq+"] = "pact"
     per_channel: bool = True
@@ -79,7 +81,8 @@ class DetFinetuneConfig(RunConfig):
     rest_a_bits: int | None = None
     calib_batches: int = 8
     lr: float = 0.01
-    lr_backbone: float | None = None  # lr of the backbone (None = lr); lower for a BN-folded pretrained one
+    lr_backbone: float | None = None  # lr of the layers that come from the source classifier (None = lr); lower for
+    # a BN-folded pretrained one. The detector's own layers (SSD extra layers, FPN, heads) train at lr.
     momentum: float = 0.9
     weight_decay: float = 1e-4
     eval_before: bool = True  # also score the calibrated, not yet fine-tuned detector (post-training quantization)

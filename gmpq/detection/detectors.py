@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from gmpq.data.stats import IMAGENET_MEAN, IMAGENET_STD
@@ -112,3 +113,44 @@ def build_detector(cfg: DetectorConfig, num_classes: int) -> nn.Module:
     if cfg.backbone_weights:
         load_backbone_weights(model, cfg.name, cfg.backbone_weights)
     return model
+
+
+def load_detector_weights(model: nn.Module, path: str, class_names: list[str] | None = None) -> dict:
+    """Initialise the float ``model`` from a trained float detector: the ``model_final.pt`` of a ``finetune-det``
+    run with a float policy (or a plain state dict of the same detector). Loaded by name, strictly: one ``UserError``
+    lists the keys missing from the file, the keys the detector does not have and the shape mismatches. Quantize the
+    model afterwards (``apply_policy`` keeps parameter names and tensors). With ``class_names``, a checkpoint that
+    carries its own class names must have the same ones. Returns ``{"loaded": n, "class_names": [...] | None}``."""
+    from gmpq.paths import expand_path
+
+    p = expand_path(path)
+    if not p.is_file():
+        raise UserError(f"init_detector: {str(p)!r} does not exist (the model_final.pt of a float "
+                        "`gmpq finetune-det` run)")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
+        raise UserError(f"init_detector: {str(p)!r} cannot be read ({type(e).__name__}: {e})") from None
+    weights = state.get("model", state) if isinstance(state, dict) else None
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise UserError(f"init_detector: {str(p)!r} is neither a model_final.pt of `gmpq finetune-det` nor a state "
+                        "dict of tensors")
+    theirs = state.get("class_names") if "model" in state else None
+    if class_names is not None and theirs is not None and list(theirs) != list(class_names):
+        raise UserError(f"init_detector: the detector in {str(p)!r} was trained on the classes {list(theirs)}, the "
+                        f"data has the classes {list(class_names)}")
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in weights)
+    unexpected = sorted(k for k in weights if k not in own)
+    shapes = sorted(f"{k}: file {tuple(v.shape)} vs detector {tuple(own[k].shape)}" for k, v in weights.items()
+                    if k in own and own[k].shape != v.shape)
+    if missing or unexpected or shapes:
+        lines = [f"init_detector: {str(p)!r} does not fit this detector (it must be a float detector of the same "
+                 "name, size options and classes, e.g. the model_final.pt of a float-policy `finetune-det` run):"]
+        for title, items in (("missing from the file", missing), ("not in the detector", unexpected),
+                             ("shape mismatches", shapes)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): {', '.join(items[:20])}" + (" ..." if len(items) > 20 else ""))
+        raise UserError("\n".join(lines))
+    model.load_state_dict(weights)
+    return {"loaded": len(weights), "class_names": None if theirs is None else list(theirs)}

@@ -21,7 +21,7 @@ from gmpq.config import config_to_dict, save_config
 from gmpq.detection.config import DetFinetuneConfig
 from gmpq.detection.data import training_targets
 from gmpq.detection.datasets import build_datasets, make_loader
-from gmpq.detection.detectors import build_detector, cost_input_size
+from gmpq.detection.detectors import build_detector, cost_input_size, load_detector_weights, source_keys
 from gmpq.detection.evaluate import evaluate_detector
 from gmpq.detection.mapping import map_policy
 from gmpq.errors import UserError
@@ -77,13 +77,26 @@ def loss_weights(model: nn.Module) -> dict[str, float]:
     return {"bbox_regression": 1.0, "classification": 1.0}  # SSD, SSDLite
 
 
+def source_modules(detector: str) -> frozenset[str]:
+    """Names of the detector modules that are images of source-classifier modules (the pretrained backbone)."""
+    return frozenset(k.rsplit(".", 1)[0] for k in source_keys(detector))
+
+
+def _in_source_module(name: str, modules: frozenset[str]) -> bool:
+    """Whether parameter ``name`` sits in (or under, as a quantizer's parameter) one of ``modules``."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in modules for i in range(1, len(parts)))
+
+
 def _optimizer(model: nn.Module, cfg: DetFinetuneConfig) -> torch.optim.Optimizer:
-    """SGD with two groups: the backbone at ``lr_backbone`` (default ``lr``), everything else at ``lr``. A pretrained
+    """SGD with two groups: the layers that come from the source classifier at ``lr_backbone`` (default ``lr``),
+    the detector's own layers (SSD extra layers, FPN, RPN, heads: all randomly initialised) at ``lr``. A pretrained
     backbone whose BN is folded into its weights (the ImageNet MobileNetV2) has large gradients relative to its
-    weights: at the heads' lr it is destroyed, at its own safe lr the heads learn too slowly."""
+    weights: at the heads' lr it is destroyed, at its own safe lr the new layers learn too slowly."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    backbone = [p for n, p in named if n.startswith("backbone.")]
-    rest = [p for n, p in named if not n.startswith("backbone.")]
+    modules = source_modules(cfg.detector.name)
+    backbone = [p for n, p in named if _in_source_module(n, modules)]
+    rest = [p for n, p in named if not _in_source_module(n, modules)]
     lr_backbone = cfg.lr if cfg.lr_backbone is None else cfg.lr_backbone
     return torch.optim.SGD([{"params": rest, "lr": cfg.lr}, {"params": backbone, "lr": lr_backbone}],
                            momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -109,9 +122,11 @@ def _finetune_det(cfg: DetFinetuneConfig, info: DistInfo, resume: bool) -> dict:
     policy = load_policy(cfg.policy)
     train_ds, test_ds = build_datasets(cfg.data)
     if cfg.detector.frozen_bn is None:  # resolve now so model_final.pt rebuilds the same modules
-        cfg = dataclasses.replace(cfg, detector=dataclasses.replace(
-            cfg.detector, frozen_bn=cfg.detector.backbone_weights is not None))
+        pretrained = cfg.detector.backbone_weights is not None or cfg.init_detector is not None
+        cfg = dataclasses.replace(cfg, detector=dataclasses.replace(cfg.detector, frozen_bn=pretrained))
     model = build_detector(cfg.detector, len(train_ds.class_names) + 1)
+    if cfg.init_detector:  # float weights by name; the quantized modules keep the float parameter names
+        load_detector_weights(model, cfg.init_detector, train_ds.class_names)
     det_policy = quantize_detector(model, policy, cfg, f"policy file {cfg.policy!r}")
     model.to(info.device)
     train_loader = make_loader(train_ds, cfg.data.batch_size, True, cfg.data.num_workers, info.distributed)

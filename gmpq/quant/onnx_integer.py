@@ -19,12 +19,14 @@ Containers (documented contract, tested in ``tests/test_quant_onnx_integer.py``)
   than the container (``b < 8``, or signed), a ``Clip`` on the uint8 codes restores the restricted range exactly.
 - Bias: int32 codes at scale ``s_x * s_w`` (onnxruntime's QLinearConv contract): the one rounding the fake-quant
   model does not do (at most half a step of the accumulator, ``s_x*s_w/2``).
-- Each integer convolution must end in a QuantizeLinear for the fusion. When its output (after ReLU/ReLU6/Clip)
-  goes straight into the next layer's quantizer and those ops cannot change the quantized value, that quantizer
-  is moved onto the convolution output (exact). Otherwise (a residual Add, padding, several consumers) an extra
-  8-bit *requantization* ``Q -> DQ`` (uint8, asymmetric, range = min/max of that tensor on the calibration
-  batches) is inserted: that rounding of the int32 accumulator to 8 bits is the only other difference from the
-  fake-quant model. A Gemm/MatMul output is never requantized (onnxruntime fuses it with a float output).
+- Outputs (``gmpq/quant/onnx_outputs.py``): a fused QLinearConv must end in a QuantizeLinear. Where the output
+  reaches the next layer's quantizer through ReLU / ReLU6 / Clip / zero Pad only, that quantizer moves onto the
+  convolution output and those ops act on the codes (exact: a code Clip, a Pad with the zero point). Otherwise
+  (a residual Add, several consumers, the pooling head) ``outputs="float"`` (default) writes ``ConvInteger``
+  with the int32 accumulator scaled to float (exact up to float32 summation order); ``outputs="uint8"`` keeps a
+  QLinearConv and inserts an 8-bit *requantization* ``Q -> DQ`` (uint8, asymmetric, calibration min/max), a
+  rounding the fake-quant model does not do. A Gemm/MatMul output is never requantized (onnxruntime fuses it
+  with a float output).
 
 Layers with a float input (weight-only quantization, LSQ+ activations whose zero point is not an integer) keep
 the float operator with their dequantized weights (exact, no integer kernel); ``IntegerExportStats`` counts them.
@@ -46,19 +48,11 @@ from torch import nn
 from gmpq.errors import UserError
 from gmpq.quant.calibrate import require_calibrated
 from gmpq.quant.modules import is_quantized, quantizers_disabled
+from gmpq.quant.onnx_graph import ActGrid, Graph
+from gmpq.quant.onnx_outputs import OUTPUT_MODES, absorb, float_output, fold_zero_pads, output_chain, requant_grid
 
 OPSET = 17
 INT_OPS = ("Conv", "Gemm")
-
-
-@dataclasses.dataclass(frozen=True)
-class ActGrid:
-    """An activation quantizer in a uint8 container: value = ``scale * (code - zero_point)``, code in [lo, hi]."""
-
-    scale: float
-    zero_point: int
-    lo: int
-    hi: int
 
 
 @dataclasses.dataclass
@@ -67,7 +61,10 @@ class IntegerExportStats:
     float_layers: list[str] = dataclasses.field(default_factory=list)  # quantized weights, float input
     fused_outputs: int = 0  # the next quantizer moved onto the output (exact)
     requantized_outputs: list[str] = dataclasses.field(default_factory=list)  # extra 8-bit Q/DQ inserted
-    code_clips: int = 0  # uint8 Clip nodes that restrict codes to a b-bit range
+    float_outputs: list[str] = dataclasses.field(default_factory=list)  # ConvInteger with an exact float output
+    code_clips: int = 0  # uint8 Clip nodes that restrict codes to a b-bit range (or a ReLU6 bound)
+    output_mode: str = "float"
+    folded_pads: int = 0  # zero Pad nodes folded into the following Conv's pads
     uint8_weight_layers: list[str] = dataclasses.field(default_factory=list)  # |codes| > 63 (8-bit weights)
 
     def as_dict(self) -> dict:
@@ -103,116 +100,6 @@ def wide_weights(codes: np.ndarray) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# small graph helpers over an onnx.GraphProto
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class _Graph:
-    def __init__(self, model):
-        from onnx import numpy_helper
-
-        self.model, self.g = model, model.graph
-        self.nh = numpy_helper
-        self.inits = {t.name: t for t in self.g.initializer}
-        self.consts = {n.output[0]: n for n in self.g.node if n.op_type == "Constant"}
-        self.nodes = list(self.g.node)
-        self.counter = 0
-
-    def name(self, base: str) -> str:
-        self.counter += 1
-        return f"{base}__gmpq{self.counter}"
-
-    def value(self, name: str) -> np.ndarray | None:
-        """The constant value of tensor ``name`` (initializer, Constant node, or Identity/Cast of one), else None."""
-        if name in self.inits:
-            return self.nh.to_array(self.inits[name])
-        if name in self.consts:
-            from onnx import helper
-
-            attr = self.consts[name].attribute[0]
-            return self.nh.to_array(attr.t) if attr.name == "value" else np.array(helper.get_attribute_value(attr))
-        prod = self.producer(name)
-        if prod is not None and prod.op_type == "Identity":  # the exporter shares equal initializers this way
-            return self.value(prod.input[0])
-        if prod is not None and prod.op_type == "Cast":
-            v = self.value(prod.input[0])
-            if v is not None:
-                from onnx import helper
-
-                to = helper.get_attribute_value(prod.attribute[0])
-                return v.astype(helper.tensor_dtype_to_np_dtype(to))
-        return None
-
-    def producer(self, tensor: str):
-        for n in self.nodes:
-            if tensor in n.output:
-                return n
-        return None
-
-    def consumers(self, tensor: str) -> list:
-        return [n for n in self.nodes if tensor in n.input]
-
-    def is_output(self, tensor: str) -> bool:
-        return any(o.name == tensor for o in self.g.output)
-
-    def add_init(self, base: str, array: np.ndarray) -> str:
-        name = self.name(base)
-        self.g.initializer.append(self.nh.from_array(array, name))
-        self.inits[name] = self.g.initializer[-1]
-        return name
-
-    def node(self, op: str, inputs: list[str], outputs: list[str], **attrs):
-        from onnx import helper
-
-        n = helper.make_node(op, inputs, outputs, name=self.name(op), **attrs)
-        self.nodes.append(n)
-        return n
-
-    def qdq(self, x: str, grid: ActGrid, out: str, base: str) -> tuple[object, int]:
-        """``x -> Q [-> Clip] -> DQ -> out``; returns the Q node and the number of Clip nodes added (0 or 1)."""
-        s = self.add_init(f"{base}.scale", np.array(grid.scale, np.float32))
-        z = self.add_init(f"{base}.zero_point", np.array(grid.zero_point, np.uint8))
-        q = self.name(f"{base}.q")
-        qnode = self.node("QuantizeLinear", [x, s, z], [q])
-        clips = 0
-        if (grid.lo, grid.hi) != (0, 255):
-            c = self.name(f"{base}.clip")
-            self.node("Clip", [q, self.add_init(f"{base}.lo", np.array(grid.lo, np.uint8)),
-                               self.add_init(f"{base}.hi", np.array(grid.hi, np.uint8))], [c])
-            q, clips = c, 1
-        self.node("DequantizeLinear", [q, s, z], [out])
-        return qnode, clips
-
-    def dq_const(self, base: str, codes: np.ndarray, scale: np.ndarray, out: str, zero_point: int = 0) -> None:
-        zp = np.full(scale.shape, zero_point, codes.dtype)
-        self.node("DequantizeLinear", [self.add_init(f"{base}.codes", codes), self.add_init(f"{base}.scale", scale),
-                                       self.add_init(f"{base}.zero_point", zp)], [out], axis=0)
-
-    def finish(self) -> None:
-        """Topologically sort the nodes, drop unused initializers and stale shape annotations."""
-        produced = {i.name for i in self.g.input} | set(self.inits)
-        ready, order, pending = set(produced), [], list(self.nodes)
-        while pending:
-            rest = []
-            for n in pending:
-                if all(not i or i in ready for i in n.input):
-                    order.append(n)
-                    ready.update(n.output)
-                else:
-                    rest.append(n)
-            if len(rest) == len(pending):
-                raise RuntimeError(f"integer ONNX rewrite left a cycle or a dangling input at {rest[0].name}")
-            pending = rest
-        used = {i for n in order for i in n.input}
-        del self.g.node[:]
-        self.g.node.extend(order)
-        keep = [t for t in self.g.initializer if t.name in used]
-        del self.g.initializer[:]
-        self.g.initializer.extend(keep)
-        del self.g.value_info[:]
-
-
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def _float_onnx(model: nn.Module, example: torch.Tensor, opset: int):
@@ -229,7 +116,7 @@ def _float_onnx(model: nn.Module, example: torch.Tensor, opset: int):
     return onnx.load_from_string(buf.getvalue())
 
 
-def _fold_bn(gr: _Graph, node, codes: np.ndarray, scale: np.ndarray, bias: np.ndarray
+def _fold_bn(gr: Graph, node, codes: np.ndarray, scale: np.ndarray, bias: np.ndarray
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
     """Fold a following inference BatchNorm into the per-channel weight scale; returns (codes, scale, bias, folded)."""
     cons = gr.consumers(node.output[0])
@@ -253,42 +140,6 @@ def _fold_bn(gr: _Graph, node, codes: np.ndarray, scale: np.ndarray, bias: np.nd
     node.output[0] = bn.output[0]
     gr.nodes.remove(bn)
     return flipped.astype(np.int8), new_scale, new_bias, True
-
-
-def _absorbable(chain: list, gr: _Graph, grid: ActGrid) -> bool:
-    """Can ``Q(chain(v))`` be replaced by ``Q(v)`` exactly? ReLU: when the grid has no negative values;
-    Clip(a, b): when [a, b] contains the grid's whole value range."""
-    lo_v, hi_v = grid.scale * (grid.lo - grid.zero_point), grid.scale * (grid.hi - grid.zero_point)
-    for n in chain:
-        if n.op_type == "Relu":
-            if lo_v < 0:
-                return False
-        else:  # Clip
-            a = gr.value(n.input[1]) if len(n.input) > 1 and n.input[1] else None
-            b = gr.value(n.input[2]) if len(n.input) > 2 and n.input[2] else None
-            if (a is not None and float(a) > lo_v) or (b is not None and float(b) < hi_v):
-                return False
-    return True
-
-
-def _output_plan(gr: _Graph, node, input_qs: dict) -> object | None:
-    """For an integer Conv: the input-Q node of the next layer that can move onto this output, else None."""
-    t, chain = node.output[0], []
-    while not gr.is_output(t):
-        cons = gr.consumers(t)
-        if len(cons) != 1:
-            return None
-        n = cons[0]
-        if n.op_type in ("Relu", "Clip"):
-            chain.append(n)
-            t = n.output[0]
-            continue
-        if n.name in input_qs and _absorbable(chain, gr, input_qs[n.name]):
-            for c in chain:
-                gr.nodes.remove(c)
-            return n
-        return None
-    return None
 
 
 def _calibrate_ranges(model_proto, tensors: list[str], batches: Iterable[torch.Tensor]) -> dict[str, tuple]:
@@ -317,27 +168,27 @@ def _calibrate_ranges(model_proto, tensors: list[str], batches: Iterable[torch.T
     return {t: (lo[t], hi[t]) for t in tensors}
 
 
-def requant_grid(lo: float, hi: float) -> ActGrid:
-    """uint8 asymmetric grid covering [min(lo, 0), max(hi, 0)] (zero exactly representable)."""
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = float(np.float32(max(hi - lo, 1e-8) / 255))
-    return ActGrid(scale, int(np.clip(round(-lo / scale), 0, 255)), 0, 255)
-
-
 def export_integer_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike,
-                        calib_batches: Iterable[torch.Tensor], opset: int = OPSET) -> IntegerExportStats:
+                        calib_batches: Iterable[torch.Tensor], opset: int = OPSET,
+                        outputs: str = "float") -> IntegerExportStats:
     """Write ``model`` (calibrated fake-quant, eval) as an integer QDQ ONNX model (see the module docstring).
 
     ``example`` ``[1, C, H, W]`` fixes the traced shapes (the batch stays dynamic); ``calib_batches`` (input
-    tensors ``[N, C, H, W]``) give the ranges of the requantized convolution outputs.
+    tensors ``[N, C, H, W]``) give the ranges of the requantized convolution outputs (``outputs="uint8"`` only).
+    ``outputs``: what a convolution output that cannot end in the next layer's quantizer becomes, one of
+    ``OUTPUT_MODES`` (``gmpq/quant/onnx_outputs.py``): ``"float"`` (exact) or ``"uint8"`` (requantized).
     """
     import onnx
 
+    if outputs not in OUTPUT_MODES:
+        raise UserError(f"integer ONNX export: outputs={outputs!r} is not supported; accepted values: "
+                        f"{list(OUTPUT_MODES)}")
     require_calibrated(model)
     model.eval()
     layers = {f"{n}.weight": (n, m) for n, m in model.named_modules() if is_quantized(m) and m.w_quant.bits < 32}
-    gr = _Graph(_float_onnx(model, example, opset))
-    stats, input_qs, integer_nodes = IntegerExportStats(), {}, []
+    gr = Graph(_float_onnx(model, example, opset))
+    stats, input_qs, integer_nodes, exact = IntegerExportStats(output_mode=outputs), {}, [], {}
+    stats.folded_pads = fold_zero_pads(gr)
     for node in [n for n in gr.nodes if n.op_type in INT_OPS and len(n.input) > 1 and n.input[1] in layers]:
         name, module = layers[node.input[1]]
         grid = act_grid(module)
@@ -354,10 +205,11 @@ def export_integer_onnx(model: nn.Module, example: torch.Tensor, path: str | os.
             stats.float_layers.append(name)
             continue
         x_dq = gr.name(f"{name}.input_dq")
-        qnode, clips = gr.qdq(node.input[0], grid, x_dq, f"{name}.a")
-        stats.code_clips += clips
+        iq = gr.qdq(node.input[0], grid, x_dq, f"{name}.a")
+        stats.code_clips += iq.clip is not None
         node.input[0] = x_dq
-        input_qs[qnode.name] = grid
+        input_qs[iq.q.name] = iq
+        exact[name] = (scale, bias)
         w_dq = gr.name(f"{name}.weight_dq")
         if wide_weights(codes):  # u8s8 kernels would saturate: uint8 container, zero point 128
             gr.dq_const(f"{name}.w", (codes.astype(np.int16) + 128).astype(np.uint8), scale, w_dq, 128)
@@ -375,11 +227,15 @@ def export_integer_onnx(model: nn.Module, example: torch.Tensor, path: str | os.
     need = []
     for name, node in integer_nodes:
         if node.op_type != "Conv":
-            continue
-        q = _output_plan(gr, node, input_qs)
-        if q is not None:
-            q.input[0] = node.output[0]
+            continue  # QGemm: onnxruntime fuses DQ -> Gemm with a float output
+        plan = output_chain(gr, node, input_qs)
+        clips = None if plan is None else absorb(gr, node, *plan, f"{name}.out")
+        if clips is not None:
             stats.fused_outputs += 1
+            stats.code_clips += clips
+        elif outputs == "float":
+            float_output(gr, node, *exact[name], name)
+            stats.float_outputs.append(name)
         elif not gr.is_output(node.output[0]):
             need.append((name, node))
     if need:

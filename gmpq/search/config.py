@@ -84,6 +84,9 @@ class SearchConfig(RunConfig):
     #  the model has one and the search images are at most half the deployment size; "deploy": the model as is
     pretrain_epochs: int = 0  # without ``weights``: train the float model this long first (it becomes the teacher)
     pretrain_lr: float = 3e-3
+    frozen_bn: bool = False  # BatchNorm layers stay in eval mode while training (teacher and search). For weights with
+    #  BN folded into the convolutions (identity BN, e.g. the ImageNet MobileNetV2 of $GMPQ_DATA) batch statistics
+    #  would renormalise every layer and the features die (measured: all-zero logits in train mode)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     hypernet: HypernetConfig = dataclasses.field(default_factory=HypernetConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)

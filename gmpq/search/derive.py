@@ -139,6 +139,6 @@ def derive_policy(policy: dict, gbops: float | None = None, size_mb: float | Non
         log_prob -= cost
     summary = {"log_prob": log_prob, "derived_from": policy.get("summary", {}), "budget_gbops": gbops,
                "budget_size_mb": size_mb, "bops_convention": convention, "min_fraction": min_fraction}
-    cb = {k: v for k, v in policy.get("created_by", {}).items() if k not in ("method", "date")}
+    cb = {k: v for k, v in policy.get("created_by", {}).items() if k not in ("method", "date", "selection")}
     return make_policy(policy["model"], out, policy["created_by"]["method"], summary,
                        selection="budget_ilp", **cb)

@@ -17,7 +17,7 @@ from gmpq.errors import UserError
 from gmpq.quant import functional as QF
 from gmpq.quant.calibrate import calibrate
 from gmpq.quant.modules import quantizable_layers
-from gmpq.search.mixed import MixedConv2d, MixedLinear, check_candidates, is_mixed
+from gmpq.search.mixed import DEFAULT_IMPL, MixedConv2d, MixedLinear, check_candidates, is_mixed
 
 ARCH_PARAM_NAMES = ("alpha_w", "alpha_a")
 
@@ -42,15 +42,19 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def build_hypernet(model: nn.Module, w_bits: Sequence[int], a_bits: Sequence[int], exclude: Sequence[str] = (),
-                   include_linear: bool = False) -> nn.Module:
-    """Replace every searchable layer of ``model`` by a mixed layer (in place; returns ``model``)."""
+                   include_linear: bool = False, impl: str = DEFAULT_IMPL) -> nn.Module:
+    """Replace every searchable layer of ``model`` by a mixed layer (in place; returns ``model``).
+
+    ``impl``: how the mixed layers compute their mixtures (``gmpq.search.mixed.IMPLS``): ``"fused"`` (one pass, only
+    the float operand kept for the backward) or ``"reference"`` (the explicit sum of quantized copies). Same values.
+    """
     w_bits, a_bits = check_candidates(w_bits, "w_bits"), check_candidates(a_bits, "a_bits")
     layers = searchable_layers(model, exclude, include_linear)
     if not layers:
         raise UserError("the model has no searchable layer (all Conv2d/Linear layers are excluded)")
     for name, layer in layers.items():
         cls = MixedConv2d if isinstance(layer, nn.Conv2d) else MixedLinear
-        _set_submodule(model, name, cls.from_float(layer, w_bits, a_bits))
+        _set_submodule(model, name, cls.from_float(layer, w_bits, a_bits, impl))
     for name, m in model.named_modules():  # name the PACT quantizers for calibration error messages
         if is_mixed(m):
             for j, q in enumerate(m.a_quants):
@@ -98,6 +102,7 @@ def calibrate_hypernet(model: nn.Module, batches: Iterable, num_batches: int = 4
         for m in mixed_layers(model).values():
             for q in m.a_quants:
                 q.signed.fill_(signed == "signed")
+            m.forget_quantizer_flags()
 
 
 def full_precision_entry() -> dict:

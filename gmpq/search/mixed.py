@@ -18,6 +18,10 @@ The deployed layer uses the same quantizer (the policy records ``w_method: lsq, 
 initialised at the MSE-optimal step of the same weights, identical values). Inputs use one PACT ``ActQuantizer``
 (learnable clip) per candidate activation bit-width. The PACT quantizers must be calibrated
 (``gmpq.quant.calibrate``) before use; calibration also decides whether a layer's input is signed.
+
+``impl`` chooses how the two mixtures are computed: ``"fused"`` (the default, ``gmpq.search.fused``: one pass, only
+the float operand kept for the backward pass) or ``"reference"`` (the explicit sums below, which keep every quantized
+copy). Same values; ``tests/test_search_fused.py`` compares them, ``benchmarks/bench_search.py`` times them.
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ from torch import Tensor, nn
 from gmpq.errors import UserError
 from gmpq.quant import functional as QF
 from gmpq.quant.quantizers import ActQuantizer
+from gmpq.search.fused import mix_lsq, mix_pact
 
 SEARCH_BITS = (2, 3, 4, 5, 6, 7, 8)
+IMPLS = ("reference", "fused")
+DEFAULT_IMPL = "fused"  # gmpq.search.fused; "reference" keeps the explicit sum (tests, benchmarks)
 WEIGHT_QUANTIZER = {"w_method": "lsq", "w_init": "mse"}  # what a policy entry records for the deployed layer
 
 
@@ -51,7 +58,11 @@ class MixedMixin:
     weight: nn.Parameter
     bias: nn.Parameter | None
 
-    def _init_mixed(self, w_bits: Sequence[int], a_bits: Sequence[int]) -> None:
+    def _init_mixed(self, w_bits: Sequence[int], a_bits: Sequence[int], impl: str = DEFAULT_IMPL) -> None:
+        if impl not in IMPLS:
+            raise UserError(f"mixed-layer impl={impl!r} is not accepted; accepted values: {list(IMPLS)}")
+        self.impl = impl
+        self._pact_signs: tuple[bool, ...] | None = None  # see _fused_pact_sign
         self.w_bits = check_candidates(w_bits, "w_bits")
         self.a_bits = check_candidates(a_bits, "a_bits")
         device = self.weight.device
@@ -110,13 +121,46 @@ class MixedMixin:
     def quant_input(self, x: Tensor, j: int) -> Tensor:
         return self.a_quants[j](x)
 
+    def weight_steps(self) -> Tensor:
+        """``weight_step(i)`` of every candidate, ``[|B_w|, C_out]``."""
+        return self.w_steps * (self._amax() / self.w_amax)
+
     def mixed_weight(self) -> Tensor:
         p = self.w_probs()
+        if self.impl == "fused":
+            return mix_lsq(self.weight, p, self.weight_steps(), self.w_bits)
         return sum(p[i] * self.quant_weight(i) for i in range(len(self.w_bits)))
 
     def mixed_input(self, x: Tensor) -> Tensor:
         q = self.a_probs()
+        signed = self._fused_pact_sign(x) if self.impl == "fused" else None
+        if signed is not None:
+            return mix_pact(x, q, torch.stack([aq.alpha.reshape(()) for aq in self.a_quants]), self.a_bits, signed)
         return sum(q[j] * self.quant_input(x, j) for j in range(len(self.a_bits)))
+
+    def _fused_pact_sign(self, x: Tensor) -> bool | None:
+        """The input quantizers' common sign when the fused mixture applies, else None (calibrating, exporting, or
+        candidates of different signs: the reference sum then runs).
+
+        The flags live on the device, so they are read once and remembered (a read is a host sync on a GPU); the
+        first read also runs each quantizer on an empty slice of ``x``, so an uncalibrated one raises its own error.
+        Calibration (``observing``) and loading a state forget them."""
+        if any(aq.observing or not aq.enabled or aq.onnx_mode or aq.method != "pact" for aq in self.a_quants):
+            self._pact_signs = None
+            return None
+        if self._pact_signs is None:
+            for aq in self.a_quants:
+                aq(x[:0])
+            self._pact_signs = tuple(bool(aq.signed) for aq in self.a_quants)
+        return self._pact_signs[0] if len(set(self._pact_signs)) == 1 else None
+
+    def forget_quantizer_flags(self) -> None:
+        """Make the next forward re-read the input quantizers' flags (call after changing ``signed`` by hand)."""
+        self._pact_signs = None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.forget_quantizer_flags()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._linear_op(self.mixed_input(x), self.mixed_weight())
@@ -133,11 +177,12 @@ class MixedConv2d(MixedMixin, nn.Conv2d):
     """``nn.Conv2d`` searching its weight and input bit-widths. Input ``[N, C_in, H, W]``, output as the float conv."""
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, w_bits: Sequence[int], a_bits: Sequence[int]) -> MixedConv2d:
+    def from_float(cls, conv: nn.Conv2d, w_bits: Sequence[int], a_bits: Sequence[int],
+                   impl: str = DEFAULT_IMPL) -> MixedConv2d:
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                 conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
         m.weight, m.bias = conv.weight, conv.bias  # share: parameter names and storage unchanged
-        m._init_mixed(w_bits, a_bits)
+        m._init_mixed(w_bits, a_bits, impl)
         m.train(conv.training)
         return m
 
@@ -149,10 +194,11 @@ class MixedLinear(MixedMixin, nn.Linear):
     """``nn.Linear`` searching its weight and input bit-widths. Input ``[..., in_features]``."""
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, w_bits: Sequence[int], a_bits: Sequence[int]) -> MixedLinear:
+    def from_float(cls, linear: nn.Linear, w_bits: Sequence[int], a_bits: Sequence[int],
+                   impl: str = DEFAULT_IMPL) -> MixedLinear:
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
         m.weight, m.bias = linear.weight, linear.bias
-        m._init_mixed(w_bits, a_bits)
+        m._init_mixed(w_bits, a_bits, impl)
         m.train(linear.training)
         return m
 

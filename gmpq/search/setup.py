@@ -19,6 +19,7 @@ from gmpq.models import create_model, create_search_model, has_search_variant, l
 from gmpq.quant.cost import measure_macs
 from gmpq.quant.modules import quantizable_layers
 from gmpq.runtime import CHECKPOINT, DistInfo, RunConfig, Task, fit, load_resume
+from gmpq.runtime.modes import train_mode
 from gmpq.search.config import SearchConfig
 from gmpq.search.export import fixed_bops
 from gmpq.search.gradcam import check_attribution_map
@@ -78,7 +79,8 @@ def pretrain_teacher(model: nn.Module, cfg: SearchConfig, info: DistInfo, train_
     task = Task(model=model, optimizer=torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
                                                         lr=cfg.pretrain_lr),
                 loader=train_loader, loss_terms=ce, weights={"ce": 1.0}, name="teacher",
-                evaluate=accuracy if test_loader is not None else None, on_epoch_start=lambda epoch: model.train())
+                evaluate=accuracy if test_loader is not None else None,
+                on_epoch_start=lambda epoch: train_mode(model, cfg.frozen_bn))
     acc = fit(task, run, info, state).metrics.get("test_acc")
     if info.is_main and acc is not None:
         print(f"teacher: float {cfg.model} after {cfg.pretrain_epochs} epoch(s): test top-1 {acc:.4f}", flush=True)

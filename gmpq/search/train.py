@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from gmpq.config import save_config
 from gmpq.data import build_loaders, check_dataset_for_model
@@ -34,6 +35,7 @@ from gmpq.runtime import (
     set_seed,
     shutdown_distributed,
 )
+from gmpq.runtime.modes import train_mode
 from gmpq.search import losses as L
 from gmpq.search.config import SearchConfig
 from gmpq.search.export import build_policy, final_policy, save_bits_chart
@@ -58,9 +60,13 @@ class SearchState:
 
 
 def compute_losses(s: SearchState, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, dict]:
-    """Named loss terms (unweighted) and extra scalars (p, expected BOPs) for one batch."""
+    """Named loss terms (unweighted) and extra scalars (p, expected GBOPs, correct predictions) for one batch.
+
+    Every value is a 0-dim tensor: nothing here reads a value back to the host (on a GPU each read is a sync). The
+    ``record_function`` scopes name the parts of the step in a profile (``benchmarks/bench_search.py --profile``).
+    """
     lc = s.cfg.loss
-    with capture_features(s.model, s.layer) as store:
+    with record_function("student_forward"), capture_features(s.model, s.layer) as store:
         logits = s.model(x)
     ebits = expected_bits(s.model)
     target_bops = lc.target_gbops * 1e9 if lc.target_gbops else None
@@ -69,14 +75,17 @@ def compute_losses(s: SearchState, x: torch.Tensor, y: torch.Tensor) -> tuple[di
     p = L.capacity_p(ebits, lc.qw0, lc.qa0) if lc.capacity == "aware" else torch.tensor(lc.fixed_p)
     if lc.eta > 0:
         fc_t = s.fc_teacher.weight if s.fc_teacher is not None else None
-        t_map, target, _ = teacher_attribution(s.teacher, x, y, s.layer, lc.attribution_class, fc_t)
+        with record_function("teacher"):
+            t_map, target, _ = teacher_attribution(s.teacher, x, y, s.layer, lc.attribution_class, fc_t)
         fc_s = s.fc_student.weight if s.fc_student is not None else None
-        s_map = student_attribution(store["features"], logits, target, tuple(x.shape[-2:]), fc_s)
-        terms["attribution"] = L.attribution_loss(s_map, t_map, p, lc.topk)
+        with record_function("attribution"):
+            s_map = student_attribution(store["features"], logits, target, tuple(x.shape[-2:]), fc_s)
+            terms["attribution"] = L.attribution_loss(s_map, t_map, p, lc.topk)
     else:  # EdMIPS: no attribution term, and no teacher forward
         terms["attribution"] = torch.zeros((), device=x.device)
-    extra = {"p": float(p), "expected_bops_g": (float(L.expected_bops(ebits, s.macs).detach()) + s.fixed_bops) / 1e9,
-             "correct": int((logits.argmax(1) == y).sum())}
+    with torch.no_grad():
+        bops_g = (L.expected_bops(ebits, s.macs).double() + s.fixed_bops) / 1e9
+        extra = {"p": p.detach(), "expected_bops_g": bops_g.float(), "correct": (logits.argmax(1) == y).sum()}
     return terms, extra
 
 
@@ -85,8 +94,8 @@ def step_terms(s: SearchState, batch, device: torch.device) -> dict[str, torch.T
     and the batch accuracy."""
     x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
     terms, extra = compute_losses(s, x, y)
-    return terms | {"p": torch.tensor(extra["p"]), "expected_bops_g": torch.tensor(extra["expected_bops_g"]),
-                    "acc": torch.tensor(extra["correct"] / len(y))}
+    return terms | {"p": extra["p"], "expected_bops_g": extra["expected_bops_g"],
+                    "acc": (extra["correct"].double() / len(y)).float()}
 
 
 def build_optimizer(model: nn.Module, cfg: SearchConfig) -> torch.optim.Optimizer:
@@ -146,7 +155,8 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> dict:
         task = Task(model=s.model, optimizer=build_optimizer(s.model, cfg), loader=train_loader,
                     loss_terms=lambda net, batch: step_terms(s, batch, info.device),
                     weights=L.loss_weights(cfg.loss.zeta, cfg.loss.eta), evaluate=evaluate_epoch, name="search",
-                    on_epoch_start=lambda epoch: s.model.train(), write_outputs=write_outputs, grad_sync="allreduce",
+                    on_epoch_start=lambda epoch: train_mode(s.model, cfg.frozen_bn),
+                    write_outputs=write_outputs, grad_sync="allreduce",
                     probe=arch_parameters(s.model), probe_every=PROBE_EVERY)
         result = fit(task, cfg, info, state)
         return dict(result.history[-1]) if result.history else {"epoch": result.epoch, **result.metrics}
