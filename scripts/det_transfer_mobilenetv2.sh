@@ -15,7 +15,7 @@
 #
 #   bash scripts/det_transfer_mobilenetv2.sh [OUT]
 #
-# Knobs (environment): SEEDS ("0 1 2"), POLICIES (runs/transfer13/policies: written by
+# Knobs (environment): SEEDS ("0 1 2"), POLICIES (runs/transfer_mobilenetv2_imagenet/policies: written by
 # scripts/transfer_mobilenetv2_imagenet.sh), CANDIDATES ("4 5 6 8": the search's bits, for the random policies),
 # SET (extra --set KEY=VALUE for the deployments, e.g. "max_steps_per_epoch=10"), THREADS (1), COCO (0).
 # CPU cost (one thread, shared 2-core machine): the float detector 7.8 CPU-minutes (600 steps + evaluation); each
@@ -26,7 +26,7 @@ OUT=${1:-runs/det_transfer}
 export GMPQ_DATA=${GMPQ_DATA:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data}
 export OMP_NUM_THREADS=${THREADS:-1} MKL_NUM_THREADS=${THREADS:-1}
 SEEDS=${SEEDS:-0 1 2}
-POLICIES=${POLICIES:-runs/transfer13/policies}
+POLICIES=${POLICIES:-runs/transfer_mobilenetv2_imagenet/policies}
 CANDIDATES=${CANDIDATES:-4 5 6 8}
 GMPQ=${GMPQ:-gmpq}
 WEIGHTS="$GMPQ_DATA/imagenet/mobilenet_v2_imagenet.pth"

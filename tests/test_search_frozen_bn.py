@@ -4,6 +4,7 @@ The ImageNet MobileNetV2 of $GMPQ_DATA has BN folded into its convolutions (iden
 BN renormalises each layer by batch statistics and the features die; with ``train_mode(model, frozen_bn=True)``
 a training forward equals the evaluation forward exactly."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -22,26 +23,18 @@ def _folded_block() -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(3, 4, 3), bn, nn.ReLU6())
 
 
-def test_frozen_bn_train_forward_equals_eval_forward():
+@pytest.mark.parametrize("frozen", [True, False])
+def test_frozen_bn_train_forward_equals_eval_forward(frozen):
+    """Frozen: the train-mode forward equals the eval one and the statistics do not move; plain train mode uses
+    batch statistics (different outputs, moved statistics)."""
     model = _folded_block()
     x = torch.randn(8, 3, 6, 6)
     with torch.no_grad():
         ref = model.eval()(x)
-        out = train_mode(model, frozen_bn=True)(x)
-    assert model.training and not model[1].training
-    assert torch.equal(out, ref)
-    assert torch.equal(model[1].running_mean, torch.zeros(4))  # the statistics did not move
-
-
-def test_plain_train_mode_uses_batch_statistics():
-    model = _folded_block()
-    x = torch.randn(8, 3, 6, 6)
-    with torch.no_grad():
-        ref = model.eval()(x)
-        out = train_mode(model, frozen_bn=False)(x)
-    assert model[1].training
-    assert not torch.allclose(out, ref)
-    assert not torch.equal(model[1].running_mean, torch.zeros(4))
+        out = train_mode(model, frozen_bn=frozen)(x)
+    assert model.training and model[1].training != frozen
+    assert torch.equal(out, ref) == frozen
+    assert torch.equal(model[1].running_mean, torch.zeros(4)) == frozen
 
 
 def test_frozen_bn_is_off_by_default():
