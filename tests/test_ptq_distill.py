@@ -52,6 +52,14 @@ def _batch():
     return images, mask, targets
 
 
+def _student_teacher_outputs():
+    """Outputs of the small DETR on the batch (teacher) and on the batch shifted by 0.1 (student)."""
+    model, _ = _small_detr()
+    images, mask, _ = _batch()
+    with torch.no_grad():
+        return model(images + 0.1, mask), model(images, mask)
+
+
 def test_distill_zero_value_zero_gradient_nonzero_hessian():
     model, criterion = _small_detr()
     cfg = SensitivityConfig(metrics=["output-float"])
@@ -76,11 +84,7 @@ def test_distill_zero_value_zero_gradient_nonzero_hessian():
 
 
 def test_distill_terms_cover_final_and_aux_outputs():
-    model, _ = _small_detr()
-    images, mask, _ = _batch()
-    with torch.no_grad():
-        t = model(images, mask)
-        s = model(images + 0.1, mask)
+    s, t = _student_teacher_outputs()
     terms = distill_terms(s, t, temperature=6.0)
     n_out = 1 + len(t["aux_outputs"])
     assert {f"kl_{i}" for i in range(n_out)} <= set(terms) and f"kl_{n_out}" not in terms
@@ -140,11 +144,7 @@ def test_not_twice_differentiable_names_the_module():
 
 
 def test_smooth_box_term_matches_huber_and_keeps_eq5_value():
-    model, _ = _small_detr()
-    images, mask, _ = _batch()
-    with torch.no_grad():
-        t = model(images, mask)
-        s = model(images + 0.1, mask)
+    s, t = _student_teacher_outputs()
     terms = distill_terms(s, t, temperature=6.0, box_beta=0.02)
     r = torch.cat([(a["pred_boxes"] - b["pred_boxes"]).flatten() for a, b in zip([s] + s["aux_outputs"],
                                                                                    [t] + t["aux_outputs"])])
