@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/bench_hessian.py --out runs/bench_hessian.json   # more rounds, with Hutch++
 
 Models: the reference detector (``detr_ptq/assets/detr_tiny_digits.pth``, its ``output-quant`` sensitivity loss on
-real digits images) and ResNet-20 (``$GMPQ_DATA/cifar_resnets``, cross-entropy on real CIFAR-10 images). One
+real digits images; ``detr_tiny_float``: its ``output-float`` loss) and ResNet-20 (``$GMPQ_DATA/cifar_resnets``,
+cross-entropy on real CIFAR-10 images). One
 micro-batch each, the same for every method. Estimators of ``Tr(H_ll)`` for every layer ``l``:
 
 - ``loop``: the per-layer PyHessian-style loop: for each layer, a forward, a first backward with ``create_graph``
@@ -18,7 +19,12 @@ micro-batch each, the same for every method. Estimators of ``Tr(H_ll)`` for ever
   batched double backward, each with its own probe). The pilot's time is charged to every sample:
   ``pilot seconds / --run-probes`` (the probes per layer of a run, ``HutchinsonConfig.max_probes``) per sample;
 - ``all-layers``: one probe over all layers, one product per probe (mode ``all``);
-- ``hutch++``: mode ``hutch++``, k = ``--probes-per-batch`` (3k products per layer); a sample is one estimate.
+- ``hutch++``: mode ``hutch++``, k = ``--probes-per-batch`` (3k products per layer); a sample is one estimate;
+- ``gauss-newton``: mode ``gauss-newton`` (``detr_ptq.ptq.gauss_newton``): per step, ``--gn-probes`` output-space
+  probes for every layer (one batched first-order backward) plus the residual part, one probe per layer, charged
+  on every ``--residual-every``-th step. A round measures both parts and their sample variances; the equal-SE cost
+  of a step is ``(t_gn + t_res / every) x (var_gn / gn_probes + var_res x every)``. Without a residual part
+  (``detr_tiny_float``: student == teacher) it is ``t_gn x var_gn / gn_probes``.
 
 ``loop``, ``loop-reuse`` and ``per-layer`` draw the same kind of sample (``v_l^T H_ll v_l``), so their per-probe
 variances are equal and are pooled; the others have their own, measured per layer. Time to reach a standard error
@@ -44,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from detr_ptq.ptq.gauss_newton import RowLoss, output_factors, probe_gauss_newton, residual_loss
 from detr_ptq.ptq.hutchinson import (
     HutchinsonConfig,
     hutchpp_per_layer,
@@ -59,11 +66,11 @@ from gmpq.quant.modules import quantizable_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 HUTCHINSON_PER_LAYER = ("loop", "loop-reuse", "per-layer")
-METHODS = ("loop", "loop-reuse", "per-layer", "grouped", "all-layers", "hutch++")
+METHODS = ("loop", "loop-reuse", "per-layer", "grouped", "all-layers", "hutch++", "gauss-newton")
 
 
-def detr_case(images: int) -> tuple[Callable[[], torch.Tensor], dict]:
-    """The reference detector's output-quant loss (Smooth-L1 box term) on ``images`` digits training images."""
+def detr_case(images: int, metric: str = "output-quant") -> tuple[Callable[[], torch.Tensor], dict, Callable]:
+    """The reference detector's ``metric`` loss (Smooth-L1 box term) on ``images`` digits training images."""
     from detr_ptq.data.digits_coco import make_digits_coco
     from detr_ptq.ptq.apply import load_float
     from detr_ptq.ptq.calibset import CalibConfig, calibration_loader, load_batches
@@ -74,8 +81,8 @@ def detr_case(images: int) -> tuple[Callable[[], torch.Tensor], dict]:
         make_digits_coco(d, seed=0, num_train=images, num_val=0)
         loader, _ = calibration_loader(CalibConfig(data_dir=d, num_images=images, batch_size=images), 96, 96)
         batch = load_batches(loader)[0]
-    student, loss_fn = metric_loss("output-quant", model, criterion, SensitivityConfig())
-    return (lambda: loss_fn(batch)), traced_weights(student, quantizable_layers(student))
+    student, loss_fn = metric_loss(metric, model, criterion, SensitivityConfig())
+    return (lambda: loss_fn(batch)), traced_weights(student, quantizable_layers(student)), lambda: loss_fn.rows(batch)
 
 
 def resnet20_case(images: int) -> tuple[Callable[[], torch.Tensor], dict]:
@@ -88,7 +95,12 @@ def resnet20_case(images: int) -> tuple[Callable[[], torch.Tensor], dict]:
     x = torch.tensor(raw["x_train"][:images]).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     y = torch.tensor(raw["y_train"][:images]).long()
-    return (lambda: torch.nn.functional.cross_entropy(model(x), y)), traced_weights(model, quantizable_layers(model))
+    onehot = torch.nn.functional.one_hot(y, 10).float()
+
+    def phi(row: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # one image's cross-entropy / images
+        return -(target * torch.log_softmax(row, -1)).sum() / images
+    return ((lambda: torch.nn.functional.cross_entropy(model(x), y)), traced_weights(model, quantizable_layers(model)),
+            lambda: RowLoss(model(x), onehot, phi))
 
 
 def one_round(method: str, loss_fn, layers: dict, gen: torch.Generator, k: int, groups: list[list[str]],
@@ -114,8 +126,45 @@ def one_round(method: str, loss_fn, layers: dict, gen: torch.Generator, k: int, 
     return seconds, out, len(next(iter(out.values())))
 
 
+def gn_round(rows_fn, layers: dict, gen: torch.Generator, probes: int) -> tuple[float, float, dict, dict | None]:
+    """One Gauss-Newton step, both parts: ``(CPU s of the Gauss-Newton part, CPU s of the residual part (one probe
+    per layer), {layer: [probes] samples}, {layer: [one sample]} or None without a residual part)``."""
+    t0 = time.process_time()
+    loss = rows_fn()
+    a_pos, a_neg, g = output_factors(loss)
+    gn = {n: x.tolist() for n, x in probe_gauss_newton(loss.rows, layers, (a_pos, a_neg), gen, probes).items()}
+    t1 = time.process_time()
+    r = residual_loss(loss, g)
+    res = None if r is None else {n: x.tolist() for n, x in probe_groups(r, layers, [[n] for n in layers], gen,
+                                                                         1).items()}
+    return t1 - t0, time.process_time() - t1, gn, res
+
+
+def gn_speedup(rounds: list, pooled: dict, t_loop: float, probes: int, every: int) -> dict:
+    """Equal-SE speed-up of mode gauss-newton over the loop per layer (see the module docstring); ``pooled``: the
+    per-layer Hutchinson sample variance, ``t_loop``: the loop's CPU s per sample."""
+    t_gn = statistics.median(r[0] for r in rounds)
+    t_res = statistics.median(r[1] for r in rounds)
+    has_res = rounds[0][3] is not None
+    speedup, var_ratio, res_ratio, negative = [], [], [], 0
+    for n, v_loop in pooled.items():
+        gn = [x for r in rounds for x in r[2][n]]
+        res = [x for r in rounds for x in r[3][n]] if has_res else [0.0, 0.0]
+        v_gn, v_res = float(np.var(gn, ddof=1)), float(np.var(res, ddof=1))
+        negative += int(np.mean(gn) + np.mean(res) < 0)
+        step = (t_gn + (t_res / every if has_res else 0.0)) * (v_gn / probes + v_res * every)
+        if v_loop > 0 and v_gn > 0:
+            speedup.append(t_loop * v_loop / step)
+            var_ratio.append(v_gn / v_loop)
+            res_ratio.append(v_res / v_loop)
+    return {"speedup": _spread(speedup), "seconds_gn": t_gn, "seconds_residual": t_res if has_res else 0.0,
+            "residual": has_res, "probes": probes, "residual_every": every,
+            "var_gn_over_per_layer": _spread(var_ratio),
+            "var_residual_over_per_layer": _spread(res_ratio) if has_res else None, "negative_mean_traces": negative}
+
+
 def bench_case(name: str, loss_fn, layers: dict, rounds: dict[str, int], k: int, inflation: float,
-               run_probes: int) -> dict:
+               run_probes: int, rows_fn=None, gn_probes: int = 16, residual_every: int = 4) -> dict:
     """Pilot and grouping, then interleaved rounds of every method; per layer, the equal-SE cost ``seconds per
     sample x variance of a sample`` and the loop's over it; the profile of one round."""
     gen = torch.Generator().manual_seed(0)
@@ -123,13 +172,16 @@ def bench_case(name: str, loss_fn, layers: dict, rounds: dict[str, int], k: int,
     groups = pilot_groups(loss_fn(), loss_fn(), layers, gen, inflation)
     pilot = time.process_time() - t0
     rounds = {m: r for m, r in rounds.items() if r > 0}
+    gn_rounds = []
     samples = {m: {n: [] for n in layers} for m in rounds}
     secs: dict[str, list[float]] = {m: [] for m in rounds}
     profile: dict[str, list[dict]] = {"per-layer": [], "grouped": []}
     one_round("grouped", loss_fn, layers, gen, k, groups, {})  # warm-up
     for r in range(max(rounds.values())):
         for m in rounds:
-            if r < rounds[m]:
+            if r < rounds[m] and m == "gauss-newton":
+                gn_rounds.append(gn_round(rows_fn, layers, gen, gn_probes))
+            elif r < rounds[m]:
                 times: dict = {}
                 s, out, per_round = one_round(m, loss_fn, layers, gen, k, groups, times)
                 secs[m].append(s / per_round)
@@ -142,16 +194,23 @@ def bench_case(name: str, loss_fn, layers: dict, rounds: dict[str, int], k: int,
     for m in ("grouped", "all-layers", "hutch++"):
         if m in rounds:
             var[m] = {n: np.var(samples[m][n], ddof=1) for n in layers}
-    t = {m: statistics.median(v) for m, v in secs.items()}
+    t = {m: statistics.median(v) for m, v in secs.items() if v}
     t["grouped"] += pilot / run_probes
     live = [n for n in layers if pooled[n] > 0 and all(var[m][n] > 0 for m in var)]
-    ratios = {m: _spread([t["loop"] * pooled[n] / (t[m] * var[m][n]) for n in live]) for m in rounds if m != "loop"}
+    ratios = {m: _spread([t["loop"] * pooled[n] / (t[m] * var[m][n]) for n in live]) for m in rounds
+              if m not in ("loop", "gauss-newton")}
+    gn = gn_speedup(gn_rounds, pooled, t["loop"], gn_probes, residual_every) if gn_rounds else None
+    if gn is not None:
+        ratios["gauss-newton"] = gn["speedup"]
+        t["gauss-newton"] = (gn["seconds_gn"] + gn["seconds_residual"] / residual_every) / gn_probes
     return {"case": name, "layers": len(layers), "k": k, "rounds": rounds, "group_inflation": inflation,
             "groups": [g for g in groups if len(g) > 1], "num_groups": len(groups), "pilot_seconds": pilot,
             "run_probes": run_probes, "seconds_per_sample": t, "equal_se_speedup_over_loop": ratios,
             "grouped_variance_over_per_layer": _spread([var["grouped"][n] / pooled[n] for n in live]),
             "all_layers_variance_over_per_layer": _spread([var["all-layers"][n] / pooled[n] for n in live]),
-            "negative_mean_traces": {m: int(sum(np.mean(samples[m][n]) < 0 for n in layers)) for m in rounds},
+            "negative_mean_traces": {m: (gn["negative_mean_traces"] if m == "gauss-newton" else
+                                         int(sum(np.mean(samples[m][n]) < 0 for n in layers))) for m in rounds},
+            "gauss_newton": gn,
             "layers_zero_variance": len(layers) - len(live),
             "profile": {m: _median_times(p) for m, p in profile.items()}}
 
@@ -209,13 +268,18 @@ def bench_ilp(repeats: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short settings for `make bench` (about a minute)")
-    p.add_argument("--cases", nargs="+", default=["detr_tiny", "resnet20"], choices=["detr_tiny", "resnet20"])
+    p.add_argument("--cases", nargs="+", default=["detr_tiny", "detr_tiny_float", "resnet20"],
+                   choices=["detr_tiny", "detr_tiny_float", "resnet20"])
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the per-layer Hutchinson methods")
     p.add_argument("--grouped-rounds", type=int, default=6, help="rounds of grouped (k samples each)")
     p.add_argument("--hutchpp-rounds", type=int, default=6, help="Hutch++ estimates (3k products each; 0: skip)")
     p.add_argument("--all-layer-rounds", type=int, default=40, help="rounds of the all-layers probe (cheap)")
     p.add_argument("--probes-per-batch", type=int, default=HutchinsonConfig.probes_per_batch,
                    help="k: batched probes (Hutch++: 3k products)")
+    p.add_argument("--gn-rounds", type=int, default=6, help="rounds of gauss-newton (both parts each)")
+    p.add_argument("--gn-probes", type=int, default=16, help="gauss-newton: output-space probes per step")
+    p.add_argument("--residual-every", type=int, default=HutchinsonConfig.residual_every,
+                   help="gauss-newton: the residual part is probed on one step in this many")
     p.add_argument("--group-inflation", type=float, default=HutchinsonConfig.group_inflation)
     p.add_argument("--run-probes", type=int, default=HutchinsonConfig.max_probes,
                    help="probes per layer of a run, over which grouped's pilot is charged")
@@ -226,22 +290,25 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench_hessian.json")
     args = p.parse_args()
     if args.quick:
-        args.rounds, args.grouped_rounds, args.hutchpp_rounds, args.all_layer_rounds = 1, 2, 0, 6
+        args.rounds, args.grouped_rounds, args.hutchpp_rounds, args.all_layer_rounds, args.gn_rounds = 1, 2, 0, 6, 3
         args.detr_images, args.cifar_images, args.ilp_repeats = 2, 32, 1
     torch.set_num_threads(args.threads)
-    builders = {"detr_tiny": lambda: detr_case(args.detr_images), "resnet20": lambda: resnet20_case(args.cifar_images)}
+    builders = {"detr_tiny": lambda: detr_case(args.detr_images),
+                "detr_tiny_float": lambda: detr_case(args.detr_images, "output-float"),
+                "resnet20": lambda: resnet20_case(args.cifar_images)}
     result = {"machine": platform.processor() or platform.machine(), "threads": args.threads,
               "torch": torch.__version__, "quick": args.quick, "cases": []}
     rounds = {"loop": args.rounds, "loop-reuse": args.rounds, "per-layer": args.rounds, "grouped": args.grouped_rounds,
-              "all-layers": args.all_layer_rounds, "hutch++": args.hutchpp_rounds}
+              "all-layers": args.all_layer_rounds, "hutch++": args.hutchpp_rounds, "gauss-newton": args.gn_rounds}
     methods = [m for m in METHODS if rounds[m] > 0]
     print(f"| case | layers | CPU s per sample: {', '.join(methods)} | equal-SE speed-up over the loop: "
           f"{', '.join(methods[1:])} (median over layers [min]) | grouped: groups, var / per-layer var "
           f"(median [max]) |")
     print("|---|---:|---|---|---|")
     for case in args.cases:
-        loss_fn, layers = builders[case]()
-        r = bench_case(case, loss_fn, layers, rounds, args.probes_per_batch, args.group_inflation, args.run_probes)
+        loss_fn, layers, rows_fn = builders[case]()
+        r = bench_case(case, loss_fn, layers, rounds, args.probes_per_batch, args.group_inflation, args.run_probes,
+                       rows_fn, args.gn_probes, args.residual_every)
         result["cases"].append(r)
         t, s, v = r["seconds_per_sample"], r["equal_se_speedup_over_loop"], r["grouped_variance_over_per_layer"]
         print(f"| {case} | {r['layers']} | " + ", ".join(f"{t[m]:.3f}" for m in methods) + " | "
@@ -254,6 +321,15 @@ def main() -> None:
               f"{r['all_layers_variance_over_per_layer']['median']:.1f} (median); layers with a negative mean: "
               + ", ".join(f"{m} {c}" for m, c in r["negative_mean_traces"].items()))
         print_profile(r, r["seconds_per_sample"]["loop"])
+        gn = r["gauss_newton"]
+        if gn is not None:
+            res = (f"residual part (1 probe per layer) {gn['seconds_residual']:.2f} s, charged every "
+                   f"{gn['residual_every']} steps, its sample var / per-layer var "
+                   f"{gn['var_residual_over_per_layer']['median']:.2g} (median)" if gn["residual"]
+                   else "no residual part (gradient 0 at student == teacher)")
+            print(f"  gauss-newton: {gn['probes']} output-space probes for all layers {gn['seconds_gn']:.2f} s; "
+                  f"{res}; Gauss-Newton sample var / per-layer var {gn['var_gn_over_per_layer']['median']:.2f} "
+                  f"(median [max {gn['var_gn_over_per_layer']['max']:.2f}])")
     if args.ilp_repeats:
         result["ilp"] = ilp = bench_ilp(args.ilp_repeats)
         print(f"ILP {ilp['layers']} layers x {len(ilp['bits'])} bits (two exact solves each): median "

@@ -135,3 +135,19 @@ def test_distributed_two_cpu_processes(digits, tmp_path):
     assert result["epochs"] == 2 and result["AP50"] is not None
     assert [json.loads(x)["epoch"] for x in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
     assert "stage 2: every part quantized" in proc.stdout
+
+
+def test_grad_probe_logs_each_weighted_term_and_bad_value_is_refused(digits, tmp_path):
+    """With ``grad_probe_every`` the log carries the gradient norm of every weighted term on the student (the
+    distillation term among them, and not negligible next to the set loss); off by default."""
+    qat(_cfg(digits, tmp_path, bits=4, fqm=True, grad_probe_every=1, max_steps_per_epoch=2))
+    log = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    grads = {k[5:]: v for k, v in log.items() if k.startswith("grad_")}
+    assert {"distill", "loss_ce", "loss_bbox", "loss_giou"} <= set(grads), sorted(grads)
+    assert all(v > 0 for v in grads.values())
+    assert grads["distill"] > 0.01 * sum(grads.values())
+    qat(_cfg(digits, tmp_path / "off", bits=4, max_steps_per_epoch=1))
+    off = json.loads((tmp_path / "off" / "log.jsonl").read_text().splitlines()[-1])
+    assert not any(k.startswith("grad_") for k in off)
+    with pytest.raises(UserError, match="grad_probe_every=-1 must be >= 0"):
+        _cfg(digits, tmp_path, grad_probe_every=-1)

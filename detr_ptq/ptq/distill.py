@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from detr_ptq.ptq.gauss_newton import RowLoss
+
 BOX_LOSSES = ("smooth_l1", "l1")
 
 
@@ -113,3 +115,27 @@ def box_residuals(student: dict, teacher: dict) -> Tensor:
     """|b_s - b_t| over every output, query and coordinate, flattened (to check the Huber zone)."""
     return torch.cat([(s["pred_boxes"] - t["pred_boxes"]).abs().flatten()
                                     for s, t in zip(_outputs(student), _outputs(teacher))])
+
+
+def distill_rows(student: dict, teacher: dict, cfg: DistillConfig | None = None) -> RowLoss:
+    """The twice-differentiable ``distill_loss`` (``box_loss: smooth_l1``) as per-row terms for the Gauss-Newton
+    trace estimator: one row per output, image and query, ``[K+1 logits, 4 box coordinates]``; ``phi`` is that
+    query's ``lambda_KL * KL + Huber`` divided by B x Q, so the rows' sum is ``distill_loss`` (the L1 of Eq. 5 has no
+    second derivative and is refused)."""
+    cfg = cfg or DistillConfig()
+    if cfg.box_loss != "smooth_l1":
+        raise ValueError(f"box_loss={cfg.box_loss!r} has no second derivative; the row form needs 'smooth_l1'")
+    s_outs, t_outs = _outputs(student), _outputs(teacher)
+    b, q, k1 = s_outs[0]["pred_logits"].shape
+    rows = torch.cat([torch.cat([s["pred_logits"], s["pred_boxes"]], -1).reshape(b * q, k1 + 4) for s in s_outs])
+    targets = torch.cat([torch.cat([t["pred_logits"], t["pred_boxes"]], -1).reshape(b * q, k1 + 4)
+                         for t in t_outs]).detach()
+    temp, lam, beta, scale = cfg.temperature, cfg.lambda_kl, cfg.box_beta, 1.0 / (b * q)
+
+    def phi(row: Tensor, target: Tensor) -> Tensor:
+        log_ps = F.log_softmax(row[:k1] / temp, -1)
+        log_pt = F.log_softmax(target[:k1] / temp, -1)
+        d = row[k1:] - target[k1:]  # squared as is: through |d| the second derivative at d = 0 would be sign(0)^2 = 0
+        huber = torch.where(d.abs() < beta, 0.5 * d * d / beta, d.abs() - 0.5 * beta)
+        return scale * (lam * (log_ps.exp() * (log_ps - log_pt)).sum() + huber.sum())
+    return RowLoss(rows, targets, phi, minimum_at_target=True)

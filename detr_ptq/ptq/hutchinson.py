@@ -1,6 +1,7 @@
 """Hutchinson estimation of per-layer Hessian traces ``Tr(H_ll)`` with standard errors.
 
-Estimators (``HutchinsonConfig.mode``):
+Estimators (``HutchinsonConfig.mode``; the default ``auto`` is ``gauss-newton`` where the loss is given as per-row
+terms of the outputs, i.e. the ``output-*`` sensitivities, and ``per-layer`` elsewhere):
 
 - ``hutch++``: Hutch++ (Meyer, Musco, Musco & Woodruff, 2021) on each layer's block ``H_ll``, from the
   same single gradient graph per micro-batch: with ``k = probes_per_batch``, ``Q = orth(H_ll S)`` for a
@@ -11,7 +12,8 @@ Estimators (``HutchinsonConfig.mode``):
   directions, so the low-rank part can take most of the trace: on ResNet-20 the variance drops by orders of
   magnitude; on the reference DETR (k = 4) it is no better than ``per-layer`` (benchmarks/bench_hessian.py).
   3k products per layer and step, in three batched double backwards.
-- ``per-layer`` (default: the fastest at equal standard error measured on the reference DETR): a Rademacher probe
+- ``per-layer`` (``auto`` for losses without a row form; of the estimators that take only a scalar loss, the
+  fastest at equal standard error measured on the reference DETR): a Rademacher probe
   ``v_l`` on ONE layer's weights at a time, ``v_l^T H_ll v_l``, whose mean is ``Tr(H_ll)`` and which has no
   cross-layer terms, so its variance is PyHessian's per-layer variance and a positive semi-definite block never
   gets a negative sample. Cost is cut two ways, without changing what is estimated: the gradient graph (forward
@@ -29,6 +31,13 @@ Estimators (``HutchinsonConfig.mode``):
   (benchmarks/bench_hessian.py), it does NOT pay on the reference DETR: its cross blocks are large next to the
   diagonal blocks' variances and the realised inflation exceeds the pilot's, so at equal standard error it is
   slower than ``per-layer`` (hence not the default).
+- ``gauss-newton``: for a loss written as per-row terms of the outputs (``RowLoss``: the ``output-*``
+  sensitivities, a classifier's cross-entropy), ``Tr(H_ll)`` = the Gauss-Newton part ``Tr(J_l^T H_phi J_l)``,
+  probed in output space for EVERY layer by one batched first-order backward of ``probes_per_batch`` probes, plus
+  the residual part, probed per layer with ``residual_probes`` probes on steps 0, 1 and every ``residual_every``-th
+  (its variance is small next to the Gauss-Newton part's; skipped where the loss's gradient in the
+  outputs is exactly 0, as at student == teacher). Exact decomposition, unbiased; see
+  ``detr_ptq.ptq.gauss_newton``.
 - ``all``: one probe over ALL layers and one Hessian-vector product per step; ``v_l . (Hv)_l`` has mean
   ``Tr(H_ll)`` but carries the cross terms ``v_l^T H_lm v_m`` (mean 0, large variance: a small layer's estimate
   can come out negative for a PSD block). Kept for comparison (benchmarks/bench_hessian.py).
@@ -49,11 +58,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from detr_ptq.ptq.gauss_newton import RowLoss, output_factors, probe_gauss_newton, residual_loss
 from detr_ptq.ptq.layer_groups import cross_block_norms, graph_reach, group_layers
 from gmpq.errors import UserError
 
 LossFn = Callable[[object], Tensor]  # micro-batch -> scalar loss (a graph through the traced weights)
-MODES = ("per-layer", "grouped", "hutch++", "all")
+RowsFn = Callable[[object], RowLoss]  # micro-batch -> the same loss as per-row terms of the outputs
+MODES = ("auto", "per-layer", "grouped", "hutch++", "gauss-newton", "all")
 PILOT_PROBES = 2  # grouped mode: probes per layer in the pilot (two give the per-layer variance, see layer_groups)
 PILOT_MIN_STEPS = 3  # grouped mode: fewer steps than this and the pilot (about one step) is not worth it
 
@@ -64,14 +75,19 @@ class HutchinsonConfig:
     min_probes: int = 10  # never stop on the tolerance before this many
     tol: float = 0.0  # stop when every layer's relative standard error < tol (0: run max_probes)
     seed: int = 0
-    mode: str = "per-layer"  # per-layer | grouped | hutch++ | all (see the module docstring)
-    probes_per_batch: int = 4  # per layer and micro-batch: probes batched in one double backward (hutch++: k)
+    mode: str = "auto"  # auto | per-layer | grouped | hutch++ | gauss-newton | all (see the module docstring)
+    probes_per_batch: int = 4  # per layer and micro-batch: probes batched in one double backward (hutch++: k;
+    # gauss-newton: output-space probes, one batched first-order backward for all layers)
+    residual_probes: int = 1  # gauss-newton: per-layer probes of the residual part on the steps that probe it
+    residual_every: int = 4  # gauss-newton: the residual part is probed on steps 0, 1 and every residual_every-th
     group_inflation: float = 2.0  # grouped: largest variance inflation a layer may take from its group
 
     def __post_init__(self) -> None:
-        if self.max_probes < 1 or self.min_probes < 1 or self.probes_per_batch < 1:
-            raise ValueError(f"max_probes={self.max_probes}, min_probes={self.min_probes} and probes_per_batch="
-                             f"{self.probes_per_batch} must be >= 1")
+        if min(self.max_probes, self.min_probes, self.probes_per_batch, self.residual_probes,
+               self.residual_every) < 1:
+            raise ValueError(f"max_probes={self.max_probes}, min_probes={self.min_probes}, probes_per_batch="
+                             f"{self.probes_per_batch}, residual_probes={self.residual_probes} and residual_every="
+                             f"{self.residual_every} must be >= 1")
         if self.tol < 0:
             raise ValueError(f"tol={self.tol} must be >= 0 (0 = fixed number of probes)")
         if not self.group_inflation >= 1:
@@ -180,6 +196,18 @@ def probe_groups(loss: Tensor, layers: dict[str, list[Tensor]], groups: Sequence
     return out
 
 
+def gauss_newton_step(loss: RowLoss, layers: dict[str, list[Tensor]], gen: torch.Generator, probes: int,
+                      residual_probes: int) -> tuple[dict[str, float], dict[str, float] | None]:
+    """-> (``{layer: Gauss-Newton part}``: the mean of ``probes`` output-space samples, ``{layer: residual part}``:
+    the mean of ``residual_probes`` per-layer samples, or None where it is exactly 0 or ``residual_probes`` is 0)."""
+    a_pos, a_neg, g = output_factors(loss)
+    gn = {n: float(s.mean()) for n, s in probe_gauss_newton(loss.rows, layers, (a_pos, a_neg), gen, probes).items()}
+    r = residual_loss(loss, g) if residual_probes else None
+    if r is None:
+        return gn, None
+    return gn, {n: float(s.mean()) for n, s in probe_per_layer(r, layers, gen, residual_probes).items()}
+
+
 def hutchpp_per_layer(loss: Tensor, layers: dict[str, list[Tensor]], gen: torch.Generator, k: int = 4
                       ) -> dict[str, float]:
     """``{layer: Hutch++ estimate of Tr(H_ll)}`` for every layer, from ONE gradient graph (3k Hessian-vector
@@ -232,20 +260,47 @@ class RunningStats:
             self.mean[k] += d / self.n
             self.m2[k] += d * (x - self.mean[k])
 
+    def trace(self, k: str) -> float:
+        return self.mean[k]
+
     def stderr(self, k: str) -> float:
         return math.sqrt(self.m2[k] / (self.n - 1) / self.n) if self.n > 1 else math.inf
 
     def rel_stderr(self, k: str) -> float:
-        m = abs(self.mean[k])
+        m = abs(self.trace(k))
+        return self.stderr(k) / m if m > 0 else math.inf
+
+
+class SplitStats(RunningStats):
+    """Gauss-Newton mode: the per-step Gauss-Newton samples (this object's own statistics) plus the residual part's
+    (``residual``, probed on fewer steps), estimated from independent probes: the trace is the sum of the two means,
+    its standard error the root of the two squared standard errors. A residual part never probed (exactly 0) adds
+    nothing."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__(names)
+        self.residual = RunningStats(names)
+
+    def trace(self, k: str) -> float:
+        return self.mean[k] + self.residual.mean[k]
+
+    def stderr(self, k: str) -> float:
+        se = super().stderr(k)
+        return math.hypot(se, self.residual.stderr(k)) if self.residual.n else se
+
+    def rel_stderr(self, k: str) -> float:
+        m = abs(self.trace(k))
         return self.stderr(k) / m if m > 0 else math.inf
 
 
 def hutchinson_traces(loss_fn: LossFn, batches: Sequence, layers: dict[str, list[Tensor]], cfg: HutchinsonConfig,
-                      mode: str | None = None, progress: Callable[[int, RunningStats], None] | None = None) -> dict:
+                      mode: str | None = None, progress: Callable[[int, RunningStats], None] | None = None,
+                      rows_fn: RowsFn | None = None) -> dict:
     """Estimate ``Tr(H_ll)`` for every layer ``l``.
 
     ``loss_fn(batch)`` returns a scalar loss whose graph reaches the tensors in ``layers`` (``{name: [weight]}``,
-    each requiring grad). ``mode`` overrides ``cfg.mode`` (see the module docstring).
+    each requiring grad). ``mode`` overrides ``cfg.mode`` (see the module docstring). ``rows_fn(batch)``: the same
+    loss as a ``RowLoss`` (required by mode ``gauss-newton``).
 
     Returns ``{"layers": {name: {"trace", "avg_trace", "stderr", "rel_stderr", "params"}}, "probes": probes per
     layer, "steps": micro-batches used, "hvps": Hessian-vector products (per-layer mode: one per probe and layer;
@@ -258,8 +313,14 @@ def hutchinson_traces(loss_fn: LossFn, batches: Sequence, layers: dict[str, list
         raise UserError(f"Hutchinson mode {mode!r} is unknown; accepted: {list(MODES)}")
     if not batches:
         raise UserError("Hutchinson estimation needs at least one calibration micro-batch; got none")
+    if mode == "auto":
+        mode = "gauss-newton" if rows_fn is not None else "per-layer"
+    if mode == "gauss-newton" and rows_fn is None:
+        raise UserError(f"Hutchinson mode 'gauss-newton' needs the loss as per-row terms of the outputs, which this "
+                        f"loss does not provide (the output-* sensitivities do; the 'loss' metric does not); accepted "
+                        f"modes here: {[m for m in MODES if m != 'gauss-newton']}")
     gen = torch.Generator().manual_seed(cfg.seed)
-    stats = RunningStats(list(layers))
+    stats = SplitStats(list(layers)) if mode == "gauss-newton" else RunningStats(list(layers))
     per_step = {"all": 1, "hutch++": 3 * cfg.probes_per_batch}.get(mode, min(cfg.probes_per_batch, cfg.max_probes))
     steps = max(math.ceil(cfg.max_probes / per_step), 1)  # per_step: products per layer and step
     t0, hvps, stopped = time.perf_counter(), 0, "max_probes"
@@ -276,6 +337,12 @@ def hutchinson_traces(loss_fn: LossFn, batches: Sequence, layers: dict[str, list
         elif mode == "hutch++":
             sample = hutchpp_per_layer(loss_fn(batch), layers, gen, cfg.probes_per_batch)
             hvps += per_step * len(layers)
+        elif mode == "gauss-newton":
+            probe_res = step < 2 or step % cfg.residual_every == 0
+            sample, res = gauss_newton_step(rows_fn(batch), layers, gen, per_step, cfg.residual_probes * probe_res)
+            if res is not None:
+                stats.residual.add(res)
+                hvps += cfg.residual_probes * len(layers)
         else:
             sample = {n: float(s.mean()) for n, s in probe_groups(loss_fn(batch), layers, groups, gen,
                                                                    per_step).items()}
@@ -290,7 +357,8 @@ def hutchinson_traces(loss_fn: LossFn, batches: Sequence, layers: dict[str, list
     result = {}
     for n, ps in layers.items():
         count = sum(p.numel() for p in ps)
-        result[n] = {"trace": stats.mean[n], "avg_trace": stats.mean[n] / count, "stderr": _json(stats.stderr(n)),
+        trace = stats.trace(n)
+        result[n] = {"trace": trace, "avg_trace": trace / count, "stderr": _json(stats.stderr(n)),
                      "rel_stderr": _json(stats.rel_stderr(n)), "params": count}
     return {"layers": result, "probes": stats.n * per_step, "steps": stats.n, "hvps": hvps,
             "seconds": time.perf_counter() - t0, "stopped": stopped, "mode": mode,

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 import detr_ptq.models.qattention  # noqa: F401  (registers the attention with gmpq.quant)
 from detr_ptq.ptq.calibset import CalibConfig
 from detr_ptq.ptq.diagnose import locate_non_twice_differentiable, raise_not_twice_differentiable
-from detr_ptq.ptq.distill import DistillConfig, box_residuals, distill_loss
+from detr_ptq.ptq.distill import DistillConfig, box_residuals, distill_loss, distill_rows
 from detr_ptq.ptq.hutchinson import HutchinsonConfig, hutchinson_traces, traced_weights
 from gmpq.errors import UserError
 from gmpq.quant.functional import symmetric_fake_quant
@@ -111,6 +111,8 @@ def metric_loss(name: str, model: nn.Module, criterion: nn.Module, cfg: Sensitiv
         if residuals is not None:
             residuals.append(box_residuals(out_s, out_t).detach())
         return distill_loss(out_s, out_t, cfg.distill, box_loss)
+    if cfg.distill.box_loss == "smooth_l1":  # the row form that Hutchinson mode gauss-newton needs
+        distill_fn.rows = lambda batch: distill_rows(_forward(student, batch), teacher_out(batch), cfg.distill)
     return student, distill_fn
 
 
@@ -156,7 +158,8 @@ def layer_traces(model: nn.Module, criterion: nn.Module, batches: Sequence, metr
                           f"{extra['box_residual_max']:.3g}): their Hessian terms are indefinite; raise "
                           f"distill.box_beta", stacklevel=2)
     try:
-        result = hutchinson_traces(loss_fn, batches, layers, cfg.hutchinson, progress=progress)
+        result = hutchinson_traces(loss_fn, batches, layers, cfg.hutchinson, progress=progress,
+                                   rows_fn=getattr(loss_fn, "rows", None))
     except RuntimeError as e:
         if "differentiate" not in str(e) and "derivative" not in str(e) and "double backward" not in str(e):
             raise

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from detr_ptq.models.attention import MultiheadAttention
 from gmpq.errors import UserError
+from gmpq.quant.host_flags import HostFlags
 
 DECODER_CROSS_ATTN = re.compile(r"transformer\.decoder\.layers\.\d+\.multihead_attn$")
 _STAT_DIMS = (0, 2, 3)  # batch, tokens, head dim: one statistic per head
@@ -40,7 +41,7 @@ def _batch_stats(q: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-class QueryAlign(nn.Module):
+class QueryAlign(HostFlags):
     """Per-head query normalization with learnable affine: q [B, h, L, d] -> [B, h, L, d].
 
     Training mode normalizes with the batch statistics (differentiable, as batch norm) and moves
@@ -90,7 +91,7 @@ class QueryAlign(nn.Module):
         else:
             self.gamma.fill_(1.0)
             self.beta.zero_()
-        self.initialized.fill_(True)
+        self.set_flag("initialized", True)
         self._stats.clear()
         self.observing = False
 
@@ -100,7 +101,7 @@ class QueryAlign(nn.Module):
         if self.observing:
             self.observe(q)
             return q
-        if not bool(self.initialized):
+        if not self.flag("initialized"):
             raise UserError(
                 f"query alignment {self.name or '(unnamed)'} is not calibrated: run "
                 "gmpq.quant.calibrate(model, batches) (or load a calibrated checkpoint) before using the model"

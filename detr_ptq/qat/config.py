@@ -56,6 +56,8 @@ class QATConfig(RunConfig):
     fqm: bool = False  # foreground-aware query matching distillation from the teacher
     fqm_tau: float = 0.5
     distill_weight: float = 1.0  # lambda: total = set loss + lambda * distillation
+    grad_probe_every: int = 0  # every N steps log grad_<term>: the gradient norm each weighted term sends to the
+    # student's trainable parameters (one extra backward per term; 0 = off)
     two_stage: bool = False  # stage 1: only the backbone quantized; stage 2: everything
     stage1_epochs: int = 1
     # --- optimisation ------------------------------------------------------------------------------------
@@ -100,6 +102,8 @@ class QATConfig(RunConfig):
             raise UserError("two_stage needs calib_batches >= 1 (stage 2 re-calibrates the newly quantized parts)")
         if not 0 < self.fqm_tau <= 1:
             raise UserError(f"fqm_tau={self.fqm_tau} must be in (0, 1]")
+        if self.grad_probe_every < 0:
+            raise UserError(f"grad_probe_every={self.grad_probe_every} must be >= 0 (0 = off)")
 
 
 def _check(name: str, bits: int) -> None:

@@ -190,6 +190,8 @@ def qat(cfg: QATConfig, resume: bool = False, log=print) -> dict:
     task = Task(model=m.student, optimizer=opt, loader=data.train, loss_terms=loss_terms,
                 weights={**m.criterion.weight_dict, "distill": cfg.distill_weight}, evaluate=evaluate, name="qat",
                 on_epoch_start=on_epoch_start, write_outputs=write_outputs, find_unused_parameters=True,
+                probe=[p for p in m.student.parameters() if p.requires_grad] if cfg.grad_probe_every else [],
+                probe_every=cfg.grad_probe_every,
                 extra_state=lambda: {"before": before, "float": float_metrics, "qat": qat_settings(cfg),
                                      "policy": m.policy, "calib_rng": data.calib.generator.get_state()})
     fit(task, cfg, info, state)

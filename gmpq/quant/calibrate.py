@@ -1,7 +1,8 @@
 """Calibration of activation quantizers: observe a few batches in full precision, then set the ranges.
 
 Besides ``ActQuantizer`` any module with a class attribute ``calibration_observer = True``, an ``observing`` flag,
-an ``initialized`` buffer and ``finish_calibration()`` takes part (e.g. DETR's query distribution alignment).
+an ``initialized`` buffer read through ``gmpq.quant.host_flags.HostFlags`` and ``finish_calibration()`` takes part
+(e.g. DETR's query distribution alignment).
 """
 
 from __future__ import annotations
@@ -91,18 +92,18 @@ def _calibrate(model, batches, num_batches, device, forward, only, progress=Fals
     out = {}
     for name, q in acts.items():
         q.finish_calibration()
-        state = {"signed": bool(q.signed)} if hasattr(q, "signed") else {}
+        state = {"signed": q.flag("signed")} if hasattr(q, "signed") else {}
         state.update({k: v.tolist() for k, v in q.named_parameters()})
         out[name] = state
     return out
 
 
 def is_calibrated(model: nn.Module) -> bool:
-    return all(bool(m.initialized) for m in _observers(model).values())
+    return all(m.flag("initialized") for m in _observers(model).values())
 
 
 def require_calibrated(model: nn.Module) -> None:
-    missing = [n for n, m in _observers(model).items() if not bool(m.initialized)]
+    missing = [n for n, m in _observers(model).items() if not m.flag("initialized")]
     if missing:
         raise UserError(f"{len(missing)} activation quantizer(s) are not calibrated (e.g. {missing[:3]}); run "
                         "gmpq.quant.calibrate(model, batches) first")

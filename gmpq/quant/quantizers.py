@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from gmpq.errors import UserError
 from gmpq.quant import functional as F
+from gmpq.quant.host_flags import HostFlags
 
 WEIGHT_METHODS = ("symmetric", "lsq")
 ACT_METHODS = ("pact", "lsq+")
@@ -26,7 +27,7 @@ def check_method(method: str, allowed: tuple[str, ...], what: str) -> str:
     return method
 
 
-class WeightQuantizer(nn.Module):
+class WeightQuantizer(HostFlags):
     """Fake-quantizes a weight ``[C_out, ...]``.
 
     ``scale`` (symmetric only) is an optional stored step ``[C_out]`` or ``[]``: set when weights were rebuilt
@@ -55,14 +56,14 @@ class WeightQuantizer(nn.Module):
         """LSQ initialisation from the weights themselves (no data needed)."""
         if self.method == "lsq":
             self.step.copy_(F.lsq_init_step(w, self.qrange[1], self.per_channel).reshape(self.step.shape))
-            self.initialized.fill_(True)
+            self.set_flag("initialized", True)
 
     @torch.no_grad()
     def init_mse(self, w: Tensor) -> None:
         """LSQ initialisation at the MSE-optimal step (``functional.mse_step``); a no-op for ``symmetric``."""
         if self.method == "lsq":
             self.step.copy_(F.mse_step(w, *self.qrange, self.per_channel).reshape(self.step.shape))
-            self.initialized.fill_(True)
+            self.set_flag("initialized", True)
 
     def forward(self, w: Tensor) -> Tensor:
         if self.bits == F.FULL_PRECISION or not self.enabled:
@@ -73,7 +74,7 @@ class WeightQuantizer(nn.Module):
             return F.qdq_8bit(F.dequantize_codes(codes, s), s, qmin, qmax, axis=0 if s.dim() == 1 else None)
         if self.method == "symmetric":
             return F.symmetric_fake_quant(w, self.bits, self.per_channel, scale=self.scale)
-        if not bool(self.initialized):
+        if not self.flag("initialized"):
             self.init_from(w)
         qmin, qmax = self.qrange
         return F.lsq_fake_quant(w, self.step, qmin, qmax)
@@ -85,7 +86,7 @@ class WeightQuantizer(nn.Module):
         if self.method == "symmetric":
             s = self.scale if self.scale is not None else F.symmetric_scale(w, self.bits, self.per_channel)
         else:
-            if not bool(self.initialized):
+            if not self.flag("initialized"):
                 self.init_from(w)
             s = self.step.detach().clone() if self.per_channel else self.step.detach().reshape(())
         return F.quantize_codes(w.detach(), s, qmin, qmax), s
@@ -94,7 +95,7 @@ class WeightQuantizer(nn.Module):
         return f"bits={self.bits}, method={self.method}, per_channel={self.per_channel}"
 
 
-class ActQuantizer(nn.Module):
+class ActQuantizer(HostFlags):
     """Fake-quantizes an activation tensor (any shape) with one learnable range per tensor.
 
     Calibration: while ``observing`` is True the input passes through unchanged and its range is recorded;
@@ -147,7 +148,7 @@ class ActQuantizer(nn.Module):
         stats = torch.tensor(self._stats)
         lo, hi, pct = stats.mean(dim=0).tolist()
         neg = bool((stats[:, 0] < 0).any())
-        self.signed.fill_(neg)
+        self.set_flag("signed", neg)
         if self.method == "pact":
             self.alpha.fill_(max(pct, 1e-4))
         elif self.init == "mse":
@@ -158,7 +159,7 @@ class ActQuantizer(nn.Module):
             step, offset = F.minmax_step_offset(torch.tensor(min(lo, 0.0)), torch.tensor(max(hi, 1e-4)), self.bits)
             self.step.copy_(step)
             self.offset.copy_(offset)
-        self.initialized.fill_(True)
+        self.set_flag("initialized", True)
         self._stats.clear()
         self._samples.clear()
         self.observing = False
@@ -167,7 +168,7 @@ class ActQuantizer(nn.Module):
     def qrange(self) -> tuple[int, int]:
         if self.method == "lsq+":
             return F.unsigned_range(self.bits)
-        if bool(self.signed):
+        if self.flag("signed"):
             return F.signed_range(self.bits, symmetric=True)
         return F.unsigned_range(self.bits)
 
@@ -177,7 +178,7 @@ class ActQuantizer(nn.Module):
         if self.observing:
             self.observe(x)
             return x
-        if not bool(self.initialized):
+        if not self.flag("initialized"):
             raise UserError(
                 f"activation quantizer {self.name or '(unnamed)'} is not calibrated: run "
                 "gmpq.quant.calibrate(model, batches) (or load a calibrated checkpoint) before using the model"
@@ -185,7 +186,7 @@ class ActQuantizer(nn.Module):
         if self.onnx_mode:
             return self._qdq(x)
         if self.method == "pact":
-            return F.pact_fake_quant(x, self.alpha, self.bits, signed=bool(self.signed))
+            return F.pact_fake_quant(x, self.alpha, self.bits, signed=self.flag("signed"))
         qmin, qmax = self.qrange
         return F.lsq_fake_quant(x, self.step, qmin, qmax, offset=self.offset,
                                numel_per_step=x.numel() // max(x.shape[self.batch_dim], 1))

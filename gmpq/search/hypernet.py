@@ -101,7 +101,7 @@ def calibrate_hypernet(model: nn.Module, batches: Iterable, num_batches: int = 4
     if signed != "auto":
         for m in mixed_layers(model).values():
             for q in m.a_quants:
-                q.signed.fill_(signed == "signed")
+                q.set_flag("signed", signed == "signed")
             m.forget_quantizer_flags()
 
 

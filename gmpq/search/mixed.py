@@ -151,7 +151,7 @@ class MixedMixin:
         if self._pact_signs is None:
             for aq in self.a_quants:
                 aq(x[:0])
-            self._pact_signs = tuple(bool(aq.signed) for aq in self.a_quants)
+            self._pact_signs = tuple(aq.flag("signed") for aq in self.a_quants)
         return self._pact_signs[0] if len(set(self._pact_signs)) == 1 else None
 
     def forget_quantizer_flags(self) -> None:
