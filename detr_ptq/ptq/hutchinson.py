@@ -288,10 +288,6 @@ class SplitStats(RunningStats):
         se = super().stderr(k)
         return math.hypot(se, self.residual.stderr(k)) if self.residual.n else se
 
-    def rel_stderr(self, k: str) -> float:
-        m = abs(self.trace(k))
-        return self.stderr(k) / m if m > 0 else math.inf
-
 
 def hutchinson_traces(loss_fn: LossFn, batches: Sequence, layers: dict[str, list[Tensor]], cfg: HutchinsonConfig,
                       mode: str | None = None, progress: Callable[[int, RunningStats], None] | None = None,
