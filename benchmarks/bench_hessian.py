@@ -58,6 +58,7 @@ from detr_ptq.ptq.hutchinson import (
     probe_all_layers,
     probe_groups,
     probe_one_layer,
+    probe_per_layer,
     rademacher_like,
     traced_weights,
 )
@@ -135,8 +136,7 @@ def gn_round(rows_fn, layers: dict, gen: torch.Generator, probes: int) -> tuple[
     gn = {n: x.tolist() for n, x in probe_gauss_newton(loss.rows, layers, (a_pos, a_neg), gen, probes).items()}
     t1 = time.process_time()
     r = residual_loss(loss, g)
-    res = None if r is None else {n: x.tolist() for n, x in probe_groups(r, layers, [[n] for n in layers], gen,
-                                                                         1).items()}
+    res = None if r is None else {n: x.tolist() for n, x in probe_per_layer(r, layers, gen).items()}
     return t1 - t0, time.process_time() - t1, gn, res
 
 

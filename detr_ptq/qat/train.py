@@ -47,6 +47,7 @@ from gmpq.runtime import (
     set_seed,
     shutdown_distributed,
 )
+from gmpq.runtime.modes import train_mode
 
 STAGE1_PARTS = ("first_conv", "backbone")
 
@@ -59,14 +60,6 @@ def _optimizer(model: nn.Module, cfg: QATConfig) -> torch.optim.Optimizer:
             (no_decay if p.dim() <= 1 or "quant" in name or "q_norm" in name else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-
-
-def _train_mode(model: nn.Module, freeze_bn: bool) -> None:
-    model.train()
-    if freeze_bn:  # keep the float model's BN statistics: batches of 8 quantized activations would drift them
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
 
 
 def enter_stage(m: Models, cfg: QATConfig, epoch: int, data: Data, info: DistInfo, opt, log) -> int:
@@ -180,7 +173,8 @@ def qat(cfg: QATConfig, resume: bool = False, log=print) -> dict:
 
     def on_epoch_start(epoch: int) -> None:
         enter_stage(m, cfg, epoch, data, info, opt, log)
-        _train_mode(m.student, cfg.freeze_bn)
+        # freeze_bn keeps the float model's BN statistics: batches of 8 quantized activations would drift them
+        train_mode(m.student, cfg.freeze_bn)
 
     def write_outputs(epoch: int, metrics: dict) -> None:
         save_policy(m.policy, policy_path)

@@ -102,7 +102,6 @@ def calibrate_hypernet(model: nn.Module, batches: Iterable, num_batches: int = 4
         for m in mixed_layers(model).values():
             for q in m.a_quants:
                 q.set_flag("signed", signed == "signed")
-            m.forget_quantizer_flags()
 
 
 def full_precision_entry() -> dict:

@@ -62,7 +62,6 @@ class MixedMixin:
         if impl not in IMPLS:
             raise UserError(f"mixed-layer impl={impl!r} is not accepted; accepted values: {list(IMPLS)}")
         self.impl = impl
-        self._pact_signs: tuple[bool, ...] | None = None  # see _fused_pact_sign
         self.w_bits = check_candidates(w_bits, "w_bits")
         self.a_bits = check_candidates(a_bits, "a_bits")
         device = self.weight.device
@@ -140,27 +139,16 @@ class MixedMixin:
 
     def _fused_pact_sign(self, x: Tensor) -> bool | None:
         """The input quantizers' common sign when the fused mixture applies, else None (calibrating, exporting, or
-        candidates of different signs: the reference sum then runs).
-
-        The flags live on the device, so they are read once and remembered (a read is a host sync on a GPU); the
-        first read also runs each quantizer on an empty slice of ``x``, so an uncalibrated one raises its own error.
-        Calibration (``observing``) and loading a state forget them."""
+        candidates of different signs: the reference sum then runs). The flags are read from the quantizers' host
+        copies (``gmpq.quant.host_flags``: no device read per step); an uncalibrated quantizer is run on an empty
+        slice of ``x`` so that it raises its own error."""
         if any(aq.observing or not aq.enabled or aq.onnx_mode or aq.method != "pact" for aq in self.a_quants):
-            self._pact_signs = None
             return None
-        if self._pact_signs is None:
-            for aq in self.a_quants:
+        for aq in self.a_quants:
+            if not aq.flag("initialized"):
                 aq(x[:0])
-            self._pact_signs = tuple(aq.flag("signed") for aq in self.a_quants)
-        return self._pact_signs[0] if len(set(self._pact_signs)) == 1 else None
-
-    def forget_quantizer_flags(self) -> None:
-        """Make the next forward re-read the input quantizers' flags (call after changing ``signed`` by hand)."""
-        self._pact_signs = None
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self.forget_quantizer_flags()
-        super()._load_from_state_dict(*args, **kwargs)
+        signs = {aq.flag("signed") for aq in self.a_quants}
+        return signs.pop() if len(signs) == 1 else None
 
     def forward(self, x: Tensor) -> Tensor:
         return self._linear_op(self.mixed_input(x), self.mixed_weight())
